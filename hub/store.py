@@ -1,0 +1,69 @@
+"""The content-addressed artifact store: one folder per digest, written atomically.
+
+``<root>/<digest[:2]>/<digest>/`` holds the artifact's files. A write goes to a temporary folder beside it,
+is fsynced, then renamed into place, so a reader sees a whole artifact or none, and a crash leaves only a
+temporary folder that the next write ignores.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from hub.errors import IntegrityError, NotFound
+from hub.formats import Adapter, adapter_digest, read_adapter, write_adapter
+
+
+class Store:
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    def path(self, digest: str) -> Path:
+        return self.root / digest[:2] / digest
+
+    def __contains__(self, digest: str) -> bool:
+        return self.path(digest).is_dir()
+
+    def put(self, adapter: Adapter) -> str:
+        """Store ``adapter`` under its digest (a no-op when it is already there) and return the digest."""
+        digest = adapter_digest(adapter)
+        final = self.path(digest)
+        if final.is_dir():
+            return digest
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=final.parent))
+        try:
+            write_adapter(adapter, staging)
+            _fsync_dir(staging)
+            try:
+                os.rename(staging, final)
+            except OSError:
+                # Another writer stored the same content first: theirs is identical, keep it.
+                if not final.is_dir():
+                    raise
+            _fsync_dir(final.parent)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return digest
+
+    def get(self, digest: str, *, verify: bool = False) -> Adapter:
+        folder = self.path(digest)
+        if not folder.is_dir():
+            raise NotFound(f"artifact {digest[:12]} is not in the store at {self.root}")
+        adapter = read_adapter(folder)
+        if verify and adapter_digest(adapter) != digest:
+            raise IntegrityError(f"artifact {digest[:12]} in the store does not match its digest")
+        return adapter
+
+    def remove(self, digest: str) -> None:
+        shutil.rmtree(self.path(digest), ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
