@@ -26,9 +26,9 @@ class Store:
     def __contains__(self, digest: str) -> bool:
         return self.path(digest).is_dir()
 
-    def put(self, adapter: Adapter) -> str:
+    def put(self, adapter: Adapter, *, digest: str | None = None) -> str:
         """Store ``adapter`` under its digest (a no-op when it is already there) and return the digest."""
-        digest = adapter_digest(adapter)
+        digest = digest or adapter_digest(adapter)
         final = self.path(digest)
         if final.is_dir():
             return digest

@@ -1,0 +1,78 @@
+"""Training and evaluation examples: JSONL files of prompt/completion pairs or chat messages."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from hub.errors import InvalidArtifact
+
+
+@dataclass(frozen=True)
+class Example:
+    """One supervised example: the model sees ``prompt`` and learns to continue with ``completion``."""
+
+    prompt: str
+    completion: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"prompt": self.prompt, "completion": self.completion}
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[Example]:
+    """Read ``{"prompt", "completion"}`` lines or ``{"messages": [...]}`` chats (the last assistant turn is the
+    completion, everything before it the prompt). Errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidArtifact(f"{path} does not exist")
+    examples = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InvalidArtifact(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+            examples.append(_example(record, f"{path}:{number}"))
+    if not examples:
+        raise InvalidArtifact(f"{path} holds no examples")
+    return examples
+
+
+def write_jsonl(examples: Iterable[Example], path: str | os.PathLike[str]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as handle:
+        for example in examples:
+            handle.write(json.dumps(example.to_dict()) + "\n")
+    return path
+
+
+def _example(record: object, where: str) -> Example:
+    if not isinstance(record, dict):
+        raise InvalidArtifact(f"{where}: expected a JSON object")
+    if "messages" in record:
+        return _chat_example(record["messages"], where)
+    prompt, completion = record.get("prompt"), record.get("completion")
+    if not isinstance(prompt, str) or not isinstance(completion, str):
+        raise InvalidArtifact(f"{where}: needs string fields 'prompt' and 'completion' (or 'messages')")
+    if not completion:
+        raise InvalidArtifact(f"{where}: 'completion' is empty")
+    return Example(prompt=prompt, completion=completion)
+
+
+def _chat_example(messages: object, where: str) -> Example:
+    if not isinstance(messages, list) or not messages:
+        raise InvalidArtifact(f"{where}: 'messages' must be a non-empty list")
+    for message in messages:
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str) or "role" not in message:
+            raise InvalidArtifact(f"{where}: every message needs 'role' and string 'content'")
+    if messages[-1]["role"] != "assistant":
+        raise InvalidArtifact(f"{where}: the last message must be the assistant's answer")
+    # Chats are flattened with a plain role-tagged template so prompt masking stays exact.
+    prompt = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages[:-1]) + "<|assistant|>\n"
+    return Example(prompt=prompt, completion=messages[-1]["content"])
