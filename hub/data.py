@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from hub.errors import InvalidArtifact
 
@@ -76,3 +77,30 @@ def _chat_example(messages: object, where: str) -> Example:
     # Chats are flattened with a plain role-tagged template so prompt masking stays exact.
     prompt = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages[:-1]) + "<|assistant|>\n"
     return Example(prompt=prompt, completion=messages[-1]["content"])
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids of prompt + completion (+ EOS) and labels that score only the completion."""
+
+    input_ids: list[int]
+    labels: list[int]
+    prompt_length: int
+
+
+def encode(tokenizer: Any, example: Example, *, max_length: int, index: int | None = None) -> Encoded:
+    """Tokenize prompt and completion separately (so masking is exact) and append EOS so the model learns to stop."""
+    prompt = tokenizer(example.prompt, add_special_tokens=True)["input_ids"]
+    completion = tokenizer(example.completion, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        completion = [*completion, tokenizer.eos_token_id]
+    ids = prompt + completion
+    if len(ids) > max_length:
+        where = f"example {index}" if index is not None else "an example"
+        raise InvalidArtifact(f"{where} has {len(ids)} tokens, longer than the model's context of {max_length}")
+    return Encoded(input_ids=ids, labels=[-100] * len(prompt) + completion, prompt_length=len(prompt))
+
+
+def context_length(model: Any) -> int:
+    config = getattr(model, "config", None)
+    return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048)
