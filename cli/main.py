@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import re
 import sys
+from dataclasses import asdict
 from typing import Any
 
 import click
 
+from cli.output import print_json, print_table, version_rows
 from hub.client import Hub
 from hub.errors import HubError
 from hub.registry import Metric
-
-from cli.output import print_json, print_table, version_rows
+from hub.remote import Remote
 
 METRIC_ARG = re.compile(r"^(?P<key>[A-Za-z_][\w.-]*)(@(?P<dataset>[^:=]+)(:(?P<split>[^=]+))?)?=(?P<value>.+)$")
 
@@ -77,6 +78,7 @@ def register(directory: str, name: str, base: str, metrics: tuple[str, ...], tag
 
 @cli.command(name="list")
 @click.option("--compatible-with", "compatible_with", default=None, help="Base model folder or name.")
+@click.option("--remote", "remote_repo", default=None, help="List a Hub repo's versions from their cards (ORG/NAME).")
 @click.option("--base", "weights_hash", default=None, help="Base weights_hash.")
 @click.option("--name", default=None, help="Only this adapter's versions.")
 @click.option("--method", default=None)
@@ -87,11 +89,22 @@ def register(directory: str, name: str, base: str, metrics: tuple[str, ...], tag
 @click.option("--sort", default=None, help="Metric to sort by, best (highest) first; '-METRIC' for lowest first.")
 @click.option("--all", "include_yanked", is_flag=True, help="Include yanked versions.")
 @click.option("--json", "as_json", is_flag=True)
-def list_(compatible_with: str | None, weights_hash: str | None, name: str | None, method: str | None,
-          min_rank: int | None, max_rank: int | None, where: tuple[str, ...], tags: tuple[str, ...],
+def list_(compatible_with: str | None, remote_repo: str | None, weights_hash: str | None, name: str | None,
+          method: str | None, min_rank: int | None, max_rank: int | None, where: tuple[str, ...], tags: tuple[str, ...],
           sort: str | None, include_yanked: bool, as_json: bool) -> None:
     """List registered versions, optionally only those compatible with a base."""
     hub = Hub()
+    if remote_repo:
+        base = hub.fingerprint(compatible_with) if compatible_with else None
+        remote_versions = Remote(hub).versions(remote_repo, base=base)
+        if as_json:
+            print_json([asdict(v) for v in remote_versions])
+        else:
+            print_table(["tag", "version", "method", "rank", "match", "base", "digest"],
+                        [[v.tag, f"{v.name}@{v.number}", v.method, v.rank, v.match or "",
+                          v.base_model or (v.base.weights_hash[:12] if v.base else "unknown"), (v.digest or "")[:12]]
+                         for v in remote_versions])
+        return
     filters = dict(name=name, method=method, min_rank=min_rank, max_rank=max_rank, where=where, tags=tags,
                    sort=sort, include_yanked=include_yanked)
     if compatible_with:
@@ -158,6 +171,28 @@ def export(ref: str, directory: str) -> None:
     """Write version REF as a PEFT adapter folder DIRECTORY."""
     path = Hub().export(ref, directory)
     click.echo(f"exported {ref} to {path}")
+
+
+@cli.command()
+@click.argument("ref")
+@click.option("--repo", "repo_id", default=None, help="ORG/NAME (default: <your user or $HUB_REMOTE_NAMESPACE>/NAME).")
+@click.option("--private", is_flag=True, help="Create the repository as private.")
+def push(ref: str, repo_id: str | None, private: bool) -> None:
+    """Push version REF to the Hub as a commit tagged v<N> (HF_ENDPOINT, HF_TOKEN apply)."""
+    result = Remote(Hub()).push(ref, repo_id, private=private)
+    state = "pushed" if result.uploaded else "already on the Hub:"
+    click.echo(f"{state} {result.ref} -> {result.repo_id}@{result.tag} ({result.commit[:12]})")
+
+
+@cli.command()
+@click.argument("repo")
+@click.option("--name", default=None, help="Register under this name instead of the card's or the repo's.")
+def pull(repo: str, name: str | None) -> None:
+    """Pull ORG/NAME[@REVISION] (a tag such as v2, a branch or a commit), verify it and register it."""
+    repo_id, _, revision = repo.partition("@")
+    result = Remote(Hub()).pull(repo_id, revision or None, name=name)
+    state = "pulled" if result.created else "already registered:"
+    click.echo(f"{state} {result.version.ref} from {result.repo_id}@{result.revision} ({result.commit[:12]})")
 
 
 @cli.command(name="fingerprint")

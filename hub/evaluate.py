@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from hub.data import Example, context_length, encode
+from hub.data import Example, collate, context_length, encode
 from hub.errors import InvalidArtifact
 
 
@@ -55,7 +55,7 @@ def evaluate(
     try:
         for start in range(0, len(examples), batch_size):
             batch = encoded[start:start + batch_size]
-            ids, labels, mask = _right_padded(batch, pad, device)
+            ids, labels, mask = (t.to(device) for t in collate(batch, pad_id=pad))
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
             targets = labels[:, 1:]
             scored = targets != -100
@@ -73,19 +73,6 @@ def evaluate(
     return EvalResult(exact_match=exact / len(examples) if generate else float("nan"),
                       token_accuracy=correct_tokens / max(scored_tokens, 1), loss=loss,
                       perplexity=math.exp(min(loss, 50.0)), count=len(examples))
-
-
-def _right_padded(batch: Sequence[Any], pad: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    width = max(len(e.input_ids) for e in batch)
-    ids = torch.full((len(batch), width), pad, dtype=torch.long)
-    labels = torch.full((len(batch), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, e in enumerate(batch):
-        n = len(e.input_ids)
-        ids[row, :n] = torch.tensor(e.input_ids)
-        labels[row, :n] = torch.tensor(e.labels)
-        mask[row, :n] = 1
-    return ids.to(device), labels.to(device), mask.to(device)
 
 
 def _exact_matches(model: Any, tokenizer: Any, batch: Sequence[Any], examples: Sequence[Example], pad: int,
