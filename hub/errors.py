@@ -34,3 +34,7 @@ class RemoteError(HubError):
 
 class DatabaseError(HubError):
     """A registry database that cannot be opened or is at the wrong schema revision."""
+
+
+class QueryError(HubError):
+    """A malformed name, reference, alias, metric or query condition (``math@``, ``accuracy>>0.8``)."""

@@ -3,10 +3,11 @@
 #
 #   HUB_TEST_POSTGRES_URL=$(bash scripts/start_postgres.sh 54329 | tail -n 1)
 #
-# Runs as root (CI, developer containers): the server itself runs as the `postgres` user, since PostgreSQL
-# refuses to run as root. Listens on 127.0.0.1 only, with trust authentication: for tests, never for real data.
+# As root (CI, developer containers) the server runs as the `postgres` user, since PostgreSQL refuses to run as
+# root; as any other user it runs as that user. Listens on 127.0.0.1 only, with trust authentication: for
+# tests, never for real data.
 # If a server already answers on the port, it is reused, so running the script twice is harmless.
-# Stop it with: runuser -u postgres -- "$(dirname "$(command -v initdb || ls /usr/lib/postgresql/*/bin/initdb)")/pg_ctl" -D DATADIR stop
+# The data directory is printed on stderr; stop the server with: runuser -u postgres -- PG_CTL -D DATADIR stop
 set -euo pipefail
 
 PORT=${1:-54329}
@@ -32,22 +33,28 @@ BIN_DIR=$(dirname "$PG_CTL")
 PSQL=$(command -v psql || echo "$BIN_DIR/psql")
 PG_ISREADY=$(command -v pg_isready || echo "$BIN_DIR/pg_isready")
 
-id -u postgres >/dev/null 2>&1 || useradd --system --home-dir /var/lib/postgresql --shell /bin/bash postgres
+if [ "$(id -u)" = 0 ]; then
+  id -u postgres >/dev/null 2>&1 || useradd --system --home-dir /var/lib/postgresql --shell /bin/bash postgres
+  SERVER_USER=postgres
+else
+  SERVER_USER=$(id -un)
+fi
 
-as_postgres() {
-  if [ "$(id -un)" = postgres ]; then "$@"; else runuser -u postgres -- "$@"; fi
+as_server_user() {
+  if [ "$(id -un)" = "$SERVER_USER" ]; then "$@"; else runuser -u "$SERVER_USER" -- "$@"; fi
 }
 
 if ! "$PG_ISREADY" -q -h 127.0.0.1 -p "$PORT"; then
-  DATA=$(mktemp -d "${TMPDIR:-/tmp}/hub-postgres-$PORT-XXXXXX")
-  chown postgres: "$DATA"
+  # Under /tmp, not $TMPDIR: the server user must reach it, and root's TMPDIR may be private.
+  DATA=$(mktemp -d "/tmp/hub-postgres-$PORT-XXXXXX")
+  chown "$SERVER_USER": "$DATA"
   chmod 700 "$DATA"
-  as_postgres "$INITDB" -D "$DATA" -U postgres --auth=trust --encoding=UTF8 --locale=C >"$DATA.initdb.log" 2>&1 || {
+  as_server_user "$INITDB" -D "$DATA" -U postgres --auth=trust --encoding=UTF8 --locale=C >"$DATA.initdb.log" 2>&1 || {
     cat "$DATA.initdb.log" >&2
     exit 1
   }
   # The socket goes in the data dir: /var/run/postgresql may not exist or belong to another server.
-  as_postgres "$PG_CTL" -D "$DATA" -l "$DATA/server.log" -w -t 60 \
+  as_server_user "$PG_CTL" -D "$DATA" -l "$DATA/server.log" -w -t 60 \
     -o "-h 127.0.0.1 -p $PORT -k $DATA -c max_connections=200 -c fsync=off" start >&2 || {
     cat "$DATA/server.log" >&2
     exit 1
