@@ -1,0 +1,93 @@
+"""LoKr (LyCORIS) as PEFT saves it for linear layers.
+
+PEFT 0.21.2 (tuners/lokr/layer.py): ``ΔW = (w1 ⊗ w2) · α / r`` (α, r from the config or its patterns, whichever
+factors are decomposed), with ``w1`` [a, c] saved whole (``lokr_w1``) or as ``lokr_w1_a @ lokr_w1_b`` and ``w2``
+[b, d] likewise; ``out = a·b``, ``in = c·d``; ``Δ(x) = ΔW x`` formed per forward as PEFT does. Convolution LoKr
+(``lokr_t2``) is refused.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hub.errors import Incompatible, InvalidArtifact
+from hub.formats import Adapter, pattern_value
+from hub.runtime.layers import (
+    AdditiveDelta,
+    BaseView,
+    SiteHandle,
+    attach_deltas,
+    expect_linear,
+    parameter,
+    resolve_targets,
+    site_device,
+)
+
+
+class LoKrDelta(AdditiveDelta):
+    def __init__(self, tensors: dict[str, torch.Tensor], scale: float):
+        super().__init__()
+        for key, tensor in tensors.items():
+            setattr(self, key, parameter(tensor))
+        self.scale = scale
+
+    def _factor(self, which: str) -> torch.Tensor:
+        whole = getattr(self, f"lokr_{which}", None)
+        if whole is not None:
+            return whole
+        return getattr(self, f"lokr_{which}_a") @ getattr(self, f"lokr_{which}_b")
+
+    def forward(self, x: torch.Tensor, base: BaseView | None = None) -> torch.Tensor:
+        # The dense ΔW, as PEFT forms it: the factored product (w1 X w2ᵀ) is cheaper but rounds differently, and
+        # PEFT is the reference these outputs must match.
+        return F.linear(x, self.delta_weight())
+
+    def delta_weight(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.kron(self._factor("w1"), self._factor("w2")) * self.scale
+
+
+def _factor_shape(path: str, params: dict[str, torch.Tensor], which: str, rank: int) -> tuple[int, int]:
+    whole = params.get(f"lokr_{which}")
+    if whole is not None:
+        if whole.dim() != 2:
+            raise InvalidArtifact(f"LoKr module {path}: lokr_{which} has shape {tuple(whole.shape)}, not 2-D")
+        return int(whole.shape[0]), int(whole.shape[1])
+    a, b = params.get(f"lokr_{which}_a"), params.get(f"lokr_{which}_b")
+    if a is None or b is None:
+        raise InvalidArtifact(f"LoKr module {path} has neither lokr_{which} nor both lokr_{which}_a/_b")
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+        raise InvalidArtifact(
+            f"LoKr module {path}: lokr_{which}_a {tuple(a.shape)} and lokr_{which}_b {tuple(b.shape)} do not chain"
+        )
+    if a.shape[1] != rank:
+        raise InvalidArtifact(f"LoKr module {path}: lokr_{which} factors have rank {a.shape[1]} but r={rank}")
+    return int(a.shape[0]), int(b.shape[1])
+
+
+def build(model: nn.Module, adapter: Adapter) -> dict[str, LoKrDelta]:
+    config = adapter.config
+    deltas: dict[str, LoKrDelta] = {}
+    for target in resolve_targets(model, adapter):
+        path, params = target.path, target.params
+        if "lokr_t2" in params:
+            raise Incompatible(f"LoKr module {path} uses the convolution (CP) form, which the hub runtime does not run")
+        in_features, out_features = expect_linear(target, "LoKr")
+        rank = int(pattern_value(config.get("rank_pattern"), path, config.get("r", 8)))
+        a, c = _factor_shape(path, params, "w1", rank)
+        b, d = _factor_shape(path, params, "w2", rank)
+        if (a * b, c * d) != (out_features, in_features):
+            raise Incompatible(
+                f"module {path}: LoKr factors [{a}, {c}] ⊗ [{b}, {d}] make a [{a * b}, {c * d}] update but the"
+                f" model's layer is [{out_features}, {in_features}]"
+            )
+        alpha = float(pattern_value(config.get("alpha_pattern"), path, config.get("alpha", 8)))
+        device = site_device(target.module)
+        deltas[path] = LoKrDelta({k: v.to(device) for k, v in params.items()}, alpha / rank)
+    return deltas
+
+
+def attach(model: nn.Module, adapter: Adapter, *, name: str, weight: float = 1.0) -> SiteHandle:
+    """Attach a PEFT LoKr adapter to ``model``."""
+    return attach_deltas(model, build(model, adapter), name=name, method="lokr", weight=weight)
