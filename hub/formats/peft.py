@@ -35,7 +35,7 @@ MODULE_PARAMS: dict[str, tuple[str, ...]] = {
     "ia3": ("ia3_l",),
     "oft": ("oft_R.weight", "oft_R", "oft_s"),
     "boft": ("boft_R", "boft_s"),
-    "ln_tuning": ("weight", "bias"),
+    "ln_tuning": ("ln_tuning_layers.weight", "ln_tuning_layers.bias"),
     "bitfit": ("bias",),
     "bottleneck": ("adapter_down.weight", "adapter_down.bias", "adapter_up.weight", "adapter_up.bias"),
 }
@@ -136,6 +136,12 @@ def validate(adapter: Adapter) -> None:
         raise InvalidArtifact(f"no {method} tensors found in {WEIGHTS_NAME} (keys like {next(iter(adapter.tensors))})")
     if method == "lora":
         _validate_lora(adapter.config, modules)
+    elif method == "bottleneck":
+        _validate_bottleneck(adapter.config, modules)
+    elif method == "bitfit":
+        for path, params in modules.items():
+            if params["bias"].dim() != 1:
+                raise InvalidArtifact(f"module {path}: bitfit bias has shape {tuple(params['bias'].shape)}, not 1-D")
 
 
 def _validate_lora(config: dict[str, Any], modules: dict[str, dict[str, torch.Tensor]]) -> None:
@@ -152,6 +158,31 @@ def _validate_lora(config: dict[str, Any], modules: dict[str, dict[str, torch.Te
         if rank is not None and a_rank != rank:
             kind = "embedding" if is_embedding else "linear"
             raise InvalidArtifact(f"module {path} ({kind}): tensors have rank {a_rank} but the config says r={rank}")
+
+
+BOTTLENECK_PLACEMENTS = ("houlsby", "pfeiffer")
+BOTTLENECK_NON_LINEARITIES = ("relu", "gelu", "silu")
+
+
+def _validate_bottleneck(config: dict[str, Any], modules: dict[str, dict[str, torch.Tensor]]) -> None:
+    """The hub's BOTTLENECK format (docs/formats.md): four tensors per site that chain, sized as the config says."""
+    for key, known in (("placement", BOTTLENECK_PLACEMENTS), ("non_linearity", BOTTLENECK_NON_LINEARITIES)):
+        if config.get(key) not in known:
+            raise InvalidArtifact(f"bottleneck {key} must be one of {', '.join(known)}, not {config.get(key)!r}")
+    size = config.get("bottleneck_size")
+    for path, params in modules.items():
+        missing = sorted(set(MODULE_PARAMS["bottleneck"]) - set(params))
+        if missing:
+            raise InvalidArtifact(f"module {path} lacks bottleneck tensors {', '.join(missing)}")
+        down, up = params["adapter_down.weight"], params["adapter_up.weight"]
+        if down.dim() != 2 or up.dim() != 2 or tuple(up.shape) != (down.shape[1], down.shape[0]):
+            raise InvalidArtifact(
+                f"module {path}: adapter_down {tuple(down.shape)} and adapter_up {tuple(up.shape)} do not chain"
+            )
+        if params["adapter_down.bias"].shape != down.shape[:1] or params["adapter_up.bias"].shape != up.shape[:1]:
+            raise InvalidArtifact(f"module {path}: bottleneck biases do not match their weights")
+        if size is not None and down.shape[0] != size:
+            raise InvalidArtifact(f"module {path}: bottleneck size {down.shape[0]} but the config says {size}")
 
 
 def _validate_prompt(adapter: Adapter) -> None:
