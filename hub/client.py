@@ -56,10 +56,12 @@ class Hub:
         tags: Iterable[str] = (),
         lineage: Iterable[Parent] = (),
         description: str | None = None,
+        number: int | None = None,
     ) -> Registered:
         """Validate an adapter (a PEFT folder or an in-memory Adapter), store it and register a version.
 
-        Registering the same content under the same name again returns the existing version.
+        Registering the same content under the same name again returns the existing version. ``number`` keeps
+        a version number chosen elsewhere (a pull keeps the number the publisher gave it).
         """
         adapter = source if isinstance(source, Adapter) else read_adapter(source)
         base_fp = self.fingerprint(base) if base is not None else None
@@ -81,6 +83,7 @@ class Hub:
                 tags=tuple(tags),
                 lineage=tuple(lineage),
                 description=description,
+                number=number,
             )
         except BaseException:
             # Nothing half-done: an artifact this call added and no version refers to goes away again.

@@ -9,6 +9,7 @@ pull rebuilds the registry entry: digest, base fingerprint, method, rank, metric
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import shutil
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-import httpx
+import httpx2
 from huggingface_hub import HfApi, ModelCard, ModelCardData, snapshot_download
 from huggingface_hub import errors as hf_errors
 
@@ -26,6 +27,8 @@ from hub.errors import Conflict, HubError, IntegrityError, InvalidArtifact, NotF
 from hub.fingerprint import Fingerprint
 from hub.formats import CONFIG_NAME, WEIGHTS_NAME, Adapter, adapter_digest, read_adapter, write_adapter
 from hub.registry import Metric, Parent, VersionInfo
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from hub.client import Hub
@@ -74,7 +77,8 @@ class Remote:
 
     def __init__(self, hub: Hub, *, endpoint: str | None = None, token: str | None = None) -> None:
         self.hub = hub
-        self.api = HfApi(endpoint=endpoint, token=token)
+        # Read HF_ENDPOINT now, not when huggingface_hub was imported, so a changed environment is honoured.
+        self.api = HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT"), token=token)
         self.endpoint = self.api.endpoint
         self._token = token
 
@@ -144,13 +148,28 @@ class Remote:
         registered = self.hub.register(
             adapter, name=name, base=base, base_name=card.get("base_model") or adapter.spec.base_model,
             metrics=[Metric(**m) for m in card.get("metrics", [])],
-            lineage=[Parent(**p) for p in card.get("lineage", [])],
+            lineage=self._known_parents(card.get("lineage", [])),
             tags=card.get("tags", []), number=card.get("number"),
         )
         tag = revision if revision != commit else f"v{registered.version.number}"
         self.hub.registry.record_remote(registered.version.ref, repo_id=repo_id, tag=tag, commit=commit)
         return PullResult(version=registered.version, repo_id=repo_id, revision=revision, commit=commit,
                           created=registered.created)
+
+    def _known_parents(self, lineage: list[dict[str, Any]]) -> list[Parent]:
+        """The card's lineage parents this registry holds; the others are reported, not invented."""
+        known = []
+        for entry in lineage:
+            parent = Parent(**entry)
+            try:
+                local = self.hub.registry.get(parent.ref)
+            except NotFound:
+                local = None
+            if local is not None and parent.digest in (None, local.digest):
+                known.append(parent)
+            else:
+                log.warning("lineage parent %s is not in this registry; pull it to record the link", parent.ref)
+        return known
 
     # -- browse --------------------------------------------------------------------------------------------
     def versions(self, repo_id: str, *, base: Fingerprint | None = None) -> list[RemoteVersion]:
@@ -213,7 +232,7 @@ class Remote:
             reason = {401: "authentication failed (check HF_TOKEN)", 403: "access denied",
                       429: "rate limited by the server; retry later"}.get(status, _first_line(exc))
             raise RemoteError(f"{where}: {self._scrub(reason)}") from None
-        except (httpx.HTTPError, OSError) as exc:
+        except (httpx2.HTTPError, OSError) as exc:
             raise RemoteError(f"{where}: transfer failed ({self._scrub(_first_line(exc))})") from None
 
     def _scrub(self, text: str) -> str:

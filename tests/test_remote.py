@@ -80,7 +80,7 @@ def test_push_then_pull_into_empty_home_rebuilds_the_registry(tmp_path, server, 
     pulled_main = Remote(target, endpoint=server.url, token=TOKEN).pull("alice/a")
     assert summary(pulled_v1.version) == summary(source.get("a@1"))
     assert summary(pulled_main.version) == summary(source.get("a@2"))
-    assert [m.version.ref for m in target.compatible(base_dir)] == ["a@2", "a@1"]
+    assert [m.version.ref for m in target.compatible(base_dir)] == ["a@1", "a@2"]
 
     # The files on the server are plain PEFT: PEFT loads them at the tag, with the same tensors.
     folder = huggingface_hub.snapshot_download("alice/a", revision="v1", endpoint=server.url, token=TOKEN,
