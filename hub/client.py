@@ -57,6 +57,7 @@ class Hub:
         lineage: Iterable[Parent] = (),
         description: str | None = None,
         number: int | None = None,
+        recipe: Mapping[str, Any] | None = None,
     ) -> Registered:
         """Validate an adapter (a PEFT folder or an in-memory Adapter), store it and register a version.
 
@@ -84,6 +85,7 @@ class Hub:
                 lineage=tuple(lineage),
                 description=description,
                 number=number,
+                recipe=dict(recipe) if recipe is not None else None,
             )
         except BaseException:
             # Nothing half-done: an artifact this call added and no version refers to goes away again.

@@ -149,7 +149,7 @@ class Remote:
             adapter, name=name, base=base, base_name=card.get("base_model") or adapter.spec.base_model,
             metrics=[Metric(**m) for m in card.get("metrics", [])],
             lineage=self._known_parents(card.get("lineage", [])),
-            tags=card.get("tags", []), number=card.get("number"),
+            tags=card.get("tags", []), number=card.get("number"), recipe=card.get("recipe"),
         )
         tag = revision if revision != commit else f"v{registered.version.number}"
         self.hub.registry.record_remote(registered.version.ref, repo_id=repo_id, tag=tag, commit=commit)
@@ -252,9 +252,11 @@ def model_card(version: VersionInfo, *, repo_id: str) -> str:
         "metrics": [{"key": m.key, "value": m.value, "dataset": m.dataset, "split": m.split}
                     for m in version.metrics],
         "lineage": [{"name": p.name, "number": p.number, "digest": p.digest, "weight": p.weight,
-                     "strategy": p.strategy} for p in version.parents],
+                     "strategy": p.strategy, "params": p.params} for p in version.parents],
         "tags": list(version.tags),
     }
+    if version.recipe is not None:
+        metadata["recipe"] = version.recipe
     if version.base is not None:
         metadata["base"] = {"weights_hash": version.base.weights_hash, "shape_hash": version.base.shape_hash,
                             "architecture": version.base.architecture,

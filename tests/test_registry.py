@@ -431,6 +431,23 @@ def test_upgrade_and_current_revision(tmp_path: Path) -> None:
     assert upgrade(url) == head_revision()  # idempotent
 
 
+def test_recipe_column_migration_keeps_existing_versions(db_url: str) -> None:
+    """A registry made before revision 0002 upgrades in place: old versions stay, new ones record recipes."""
+    with Registry(db_url) as registry:
+        add(registry, "old", "1")
+    command.downgrade(alembic_config(db_url), "0001")  # as a registry made by an earlier release
+    with pytest.raises(DatabaseError, match="is at revision 0001, head is 0002; run `hub db upgrade`"):
+        Registry(db_url)
+    assert upgrade(db_url) == head_revision()
+    with Registry(db_url) as registry:
+        new = add(registry, "new", "2", recipe={"method": "lora", "steps": 10, "seed": 0})
+        assert registry.get("old@1").recipe is None
+        assert registry.get("new@1").recipe == new.version.recipe == {"method": "lora", "steps": 10, "seed": 0}
+        with pytest.raises(QueryError, match="recipe of 'bad' is not plain JSON"):
+            add(registry, "bad", "3", recipe={"lr": float("nan")})
+        assert registry.list(name="bad") == []
+
+
 def test_tables_without_revision_are_refused(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'registry.db'}"
     upgrade(url)

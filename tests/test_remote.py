@@ -18,7 +18,7 @@ from cli.main import cli
 from hub.client import Hub
 from hub.errors import IntegrityError, InvalidArtifact, NotFound, RemoteError
 from hub.formats import adapter_digest, read_adapter
-from hub.registry import Metric
+from hub.registry import Metric, Parent
 from hub.remote import Remote
 
 TOKEN = "hf_secret_token_for_tests"
@@ -51,9 +51,11 @@ def source(tmp_path: Path, base_dir: Path) -> Hub:
     """A hub with a@1 (metrics, alias prod) and a@2 (lineage on a@1)."""
     hub = Hub(home=tmp_path / "source")
     hub.register(make_adapter(base_dir, tmp_path / "a1", 1), name="a", base=base_dir,
-                 metrics=[Metric(key="accuracy", value=0.8, dataset="date", split="test")], tags=["demo"])
+                 metrics=[Metric(key="accuracy", value=0.8, dataset="date", split="test")], tags=["demo"],
+                 recipe={"method": "lora", "steps": 100, "seed": 3})
     hub.registry.set_alias("a@1", "prod")
-    hub.register(make_adapter(base_dir, tmp_path / "a2", 2), name="a", base=base_dir, metrics={"accuracy": 0.9})
+    hub.register(make_adapter(base_dir, tmp_path / "a2", 2), name="a", base=base_dir, metrics={"accuracy": 0.9},
+                 lineage=[Parent("a", 1, weight=1.0, strategy="continued", params={"steps": 50})])
     return hub
 
 
@@ -65,7 +67,18 @@ def no_sleep(monkeypatch: pytest.MonkeyPatch) -> None:
 def summary(version) -> tuple:
     return (version.name, version.number, version.digest, version.method, version.rank,
             sorted((m.key, m.value, m.dataset, m.split) for m in version.metrics),
-            [(p.name, p.number, p.digest) for p in version.parents], version.base)
+            [(p.name, p.number, p.digest, p.weight, p.strategy, p.params) for p in version.parents], version.base,
+            version.recipe)
+
+
+def test_pull_without_the_parent_keeps_the_version_and_drops_only_the_unknown_link(tmp_path, server, source,
+                                                                                  caplog):
+    Remote(source, endpoint=server.url, token=TOKEN).push("a@2", "alice/a")
+    target = Hub(home=tmp_path / "target")
+    with caplog.at_level(logging.WARNING, logger="hub.remote"):
+        pulled = Remote(target, endpoint=server.url, token=TOKEN).pull("alice/a", "v2")
+    assert pulled.version.ref == "a@2" and pulled.version.parents == []
+    assert "lineage parent a@1 is not in this registry" in caplog.text
 
 
 def test_push_then_pull_into_empty_home_rebuilds_the_registry(tmp_path, server, source, base_dir):

@@ -128,6 +128,8 @@ class VersionRow(Model):
     alpha: Mapped[float | None] = mapped_column(Float)
     targets: Mapped[list[str]] = mapped_column(default=list)
     config: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # How the version was made (a training recipe); NULL for imported adapters. Added by revision 0002.
+    recipe: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # NULL for a pulled plain PEFT adapter whose base weights were never seen.
     base_id: Mapped[int | None] = mapped_column(ForeignKey("bases.id"), index=True)
     base_name: Mapped[str | None] = mapped_column(String(500))

@@ -66,6 +66,7 @@ class VersionInfo:
     tags: list[str] = field(default_factory=list)
     parents: list[Parent] = field(default_factory=list)
     description: str | None = None
+    recipe: dict[str, Any] | None = None
 
     @property
     def ref(self) -> str:
@@ -100,6 +101,7 @@ class VersionInfo:
             "created": self.created.isoformat(),
             "status": self.status,
             "description": self.description,
+            "recipe": self.recipe,
             "metrics": [m.to_dict() for m in self.metrics],
             "aliases": list(self.aliases),
             "tags": list(self.tags),

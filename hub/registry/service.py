@@ -85,7 +85,7 @@ TAG = re.compile(r"^[^\s,]{1,100}$")
 V, A, B = VersionRow, AdapterRow, BaseRow
 
 VERSION_COLUMNS = (
-    V.id, A.name, V.number, V.digest, V.method, V.rank, V.alpha, V.targets, V.config, B.weights_hash,
+    V.id, A.name, V.number, V.digest, V.method, V.rank, V.alpha, V.targets, V.config, V.recipe, B.weights_hash,
     B.shape_hash, B.architecture, B.num_parameters, V.base_name, V.size_bytes, V.created, V.status, A.description,
 )
 
@@ -147,12 +147,14 @@ class Registry:
         lineage: Iterable[Parent] = (),
         description: str | None = None,
         number: int | None = None,
+        recipe: dict[str, Any] | None = None,
     ) -> Registered:
         """Record ``digest`` as the next version of ``name``; the same digest again returns the existing version
         (``created=False``), with any metrics and tags given added to it.
 
         ``number`` asks for a specific version number (a pull keeps the number the version has upstream); it
         is a Conflict when another artifact already holds it. Without it, the next number after the highest.
+        ``recipe`` records how the version was made (plain JSON, e.g. a training recipe).
         """
         check_name(name)
         if number is not None and (not isinstance(number, int) or number < 1):
@@ -163,6 +165,10 @@ class Registry:
             json.dumps(config, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise InvalidArtifact(f"adapter config of {name!r} is not plain JSON: {exc}") from None
+        try:
+            json.dumps(recipe, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise QueryError(f"recipe of {name!r} is not plain JSON: {exc}") from None
         metric_list = _check_metrics(metrics)
         tag_list = _check_tags(tags)
         parents = [_check_parent(parent) for parent in lineage]
@@ -186,7 +192,7 @@ class Registry:
             version_id = conn.execute(
                 V.__table__.insert().returning(V.id),
                 dict(adapter_id=adapter_id, number=chosen, digest=digest, method=spec.method, rank=spec.rank,
-                     alpha=spec.alpha, targets=list(spec.targets), config=config, base_id=base_id,
+                     alpha=spec.alpha, targets=list(spec.targets), config=config, recipe=recipe, base_id=base_id,
                      base_name=base_name, size_bytes=int(size_bytes), created=utcnow(), status=READY),
             ).scalar_one()
             _upsert_metrics(conn, version_id, metric_list)
@@ -452,7 +458,7 @@ class Registry:
         return [
             VersionInfo(
                 name=r.name, number=r.number, digest=r.digest, method=r.method, rank=r.rank, alpha=r.alpha,
-                targets=list(r.targets or []), config=r.config or {},
+                targets=list(r.targets or []), config=r.config or {}, recipe=r.recipe,
                 base=Fingerprint(r.weights_hash, r.shape_hash, r.architecture, r.num_parameters)
                 if r.shape_hash is not None else None,
                 base_name=r.base_name, size_bytes=r.size_bytes, created=r.created, status=r.status,
