@@ -15,17 +15,20 @@ import hashlib
 import json
 import mmap
 import os
+import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from tqdm.auto import tqdm
 
 from hub.config import load_settings
 from hub.errors import Incompatible, InvalidArtifact, NotFound
 from hub.formats.digest import update_with_tensor
+
+if TYPE_CHECKING:  # torch costs seconds to import; `hub list` never needs it
+    import torch
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,8 @@ def fingerprint(
     cache_dir: Path | None = None,
 ) -> Fingerprint:
     """Fingerprint a safetensors folder or file, a loaded torch model, or a model name in the local HF cache."""
-    if isinstance(model_or_path, torch.nn.Module):
+    loaded_torch = sys.modules.get("torch")  # a torch model can only exist once torch is imported
+    if loaded_torch is not None and isinstance(model_or_path, loaded_torch.nn.Module):
         return fingerprint_model(model_or_path)
     if not isinstance(model_or_path, (str, os.PathLike)):
         raise InvalidArtifact(

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from hub.formats.peft import Adapter
 from hub.formats.spec import VOLATILE_CONFIG_KEYS
+
+if TYPE_CHECKING:
+    import torch
 
 
 def canonical_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -26,6 +27,8 @@ def canonical_config(config: dict[str, Any]) -> dict[str, Any]:
 
 def update_with_tensor(hasher: Any, name: str, tensor: torch.Tensor) -> None:
     """Feed one tensor (name, dtype, shape, raw bytes) into a hash; shared with base fingerprints."""
+    import torch  # here, not at module level: registry-only commands never load torch
+
     tensor = tensor.detach().contiguous().cpu()
     header = json.dumps([name, str(tensor.dtype).removeprefix("torch."), list(tensor.shape)])
     hasher.update(header.encode())

@@ -11,14 +11,15 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from hub.errors import InvalidArtifact
 from hub.formats.spec import PEFT_TYPES, PROMPT_METHODS, AdapterSpec, pattern_value
+
+if TYPE_CHECKING:  # torch loads when tensors are read or written, so registry-only commands start fast
+    import torch
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -126,7 +127,7 @@ def validate(adapter: Adapter) -> None:
     if not adapter.tensors:
         raise InvalidArtifact(f"{WEIGHTS_NAME} holds no tensors")
     for key, tensor in adapter.tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
             raise InvalidArtifact(f"tensor {key} contains NaN or infinite values")
     if method in PROMPT_METHODS:
         _validate_prompt(adapter)
@@ -213,6 +214,8 @@ def read_adapter(path: str | os.PathLike[str]) -> Adapter:
     config = read_config(folder / CONFIG_NAME)
     if not weights.exists():
         raise InvalidArtifact(f"{folder} has no {WEIGHTS_NAME}")
+    from safetensors.torch import load_file  # torch loads only when tensors are read (fast registry commands)
+
     try:
         tensors = load_file(weights)
     except (SafetensorError, OSError, ValueError) as exc:
@@ -242,6 +245,8 @@ def write_adapter(adapter: Adapter, path: str | os.PathLike[str]) -> Path:
     config_path = folder / CONFIG_NAME
     config_path.write_text(json.dumps(_jsonable(adapter.config), indent=2, sort_keys=True) + "\n")
     weights_path = folder / WEIGHTS_NAME
+    from safetensors.torch import save_file
+
     save_file({k: v.contiguous() for k, v in adapter.tensors.items()}, weights_path, metadata={"format": "pt"})
     for written in (config_path, weights_path):
         with open(written, "rb") as handle:
