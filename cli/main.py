@@ -12,7 +12,10 @@ from typing import Any
 
 import click
 
+from cli.compose import compose
+from cli.evaluate import evaluate_command
 from cli.output import print_json, print_table, version_rows
+from cli.train import train
 from hub.client import Hub
 from hub.errors import HubError
 from hub.registry import Metric
@@ -207,6 +210,12 @@ def fingerprint_(model: str, as_json: bool) -> None:
         return
     click.echo(f"weights_hash  {fp.weights_hash}\nshape_hash    {fp.shape_hash}")
     click.echo(f"architecture  {fp.architecture}\nparameters    {fp.num_parameters:,}")
+
+
+# The model commands live in their own modules; they import torch only when they run.
+cli.add_command(train)
+cli.add_command(evaluate_command)
+cli.add_command(compose)
 
 
 @cli.group()

@@ -33,7 +33,8 @@ def version_rows(versions: Sequence[VersionInfo], match_kinds: Sequence[str] | N
         headers.insert(1, "match")
     rows = []
     for index, version in enumerate(versions):
-        metrics = " ".join(f"{m.key}={m.value:.4g}" for m in version.metrics)
+        # The --metric syntax, so a metric on several datasets reads as several entries.
+        metrics = " ".join(f"{m.key}{'@' + m.dataset if m.dataset else ''}={m.value:.4g}" for m in version.metrics)
         row = [version.ref, version.method, version.rank, ",".join(version.targets), metrics,
                ",".join(version.aliases), version.digest[:12]]
         if match_kinds is not None:

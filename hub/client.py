@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from hub.config import Settings, load_settings
-from hub.errors import Conflict
+from hub.errors import Conflict, HubError
 from hub.fingerprint import Fingerprint, fingerprint
 from hub.formats import Adapter, adapter_digest, read_adapter, write_adapter
 from hub.registry import Match, Metric, Parent, Registered, Registry, VersionInfo
@@ -69,10 +69,11 @@ class Hub:
         if base_name is None and base is not None and not isinstance(base, Fingerprint):
             base_name = str(base) if isinstance(base, (str, os.PathLike)) else getattr(base, "name_or_path", None)
         digest = adapter_digest(adapter)
+        registry = self.registry  # opened before anything is stored: a database that cannot be opened stores nothing
         already_stored = digest in self.store
         self.store.put(adapter, digest=digest)
         try:
-            return self.registry.register(
+            return registry.register(
                 name,
                 digest=digest,
                 spec=adapter.spec,
@@ -89,7 +90,7 @@ class Hub:
             )
         except BaseException:
             # Nothing half-done: an artifact this call added and no version refers to goes away again.
-            if not already_stored and not self.registry.find_digest(digest):
+            if not already_stored and not registry.find_digest(digest):
                 self.store.remove(digest)
             raise
 
@@ -105,18 +106,23 @@ class Hub:
         version = self.registry.get(ref)
         adapter = self.store.get(version.digest, verify=True)
         target = Path(directory)
-        if target.exists() and any(target.iterdir()):
-            raise Conflict(f"{target} exists and is not empty")
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            raise Conflict(f"{target} exists and is not an empty folder")
         config = dict(adapter.config)
         if version.base_name:
             config["base_model_name_or_path"] = version.base_name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        except OSError as exc:
+            raise HubError(f"cannot write to {target}: {exc.strerror or exc}") from None
         try:
             write_adapter(Adapter(config=config, tensors=adapter.tensors), staging)
             if target.exists():
                 target.rmdir()
             os.rename(staging, target)
+        except OSError as exc:
+            raise HubError(f"cannot write to {target}: {exc.strerror or exc}") from None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return target
@@ -131,7 +137,7 @@ class Hub:
     def fingerprint(self, base: BaseLike) -> Fingerprint:
         if isinstance(base, Fingerprint):
             return base
-        return fingerprint(base)
+        return fingerprint(base, cache_dir=self.settings.cache_dir)
 
 
 def _metrics(metrics: Mapping[str, float] | Iterable[Metric]) -> list[Metric]:

@@ -25,9 +25,10 @@ class Example:
         return {"prompt": self.prompt, "completion": self.completion}
 
 
-def read_jsonl(path: str | os.PathLike[str]) -> list[Example]:
+def read_jsonl(path: str | os.PathLike[str], *, tokenizer: Any = None) -> list[Example]:
     """Read ``{"prompt", "completion"}`` lines or ``{"messages": [...]}`` chats (the last assistant turn is the
-    completion, everything before it the prompt). Errors name the file and line."""
+    completion, everything before it the prompt, rendered with ``tokenizer``'s chat template when it has one).
+    Errors name the file and line."""
     path = Path(path)
     if not path.is_file():
         raise InvalidArtifact(f"{path} does not exist")
@@ -40,7 +41,7 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[Example]:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise InvalidArtifact(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            examples.append(_example(record, f"{path}:{number}"))
+            examples.append(_example(record, f"{path}:{number}", tokenizer))
     if not examples:
         raise InvalidArtifact(f"{path} holds no examples")
     return examples
@@ -55,11 +56,11 @@ def write_jsonl(examples: Iterable[Example], path: str | os.PathLike[str]) -> Pa
     return path
 
 
-def _example(record: object, where: str) -> Example:
+def _example(record: object, where: str, tokenizer: Any = None) -> Example:
     if not isinstance(record, dict):
         raise InvalidArtifact(f"{where}: expected a JSON object")
     if "messages" in record:
-        return _chat_example(record["messages"], where)
+        return _chat_example(record["messages"], where, tokenizer)
     prompt, completion = record.get("prompt"), record.get("completion")
     if not isinstance(prompt, str) or not isinstance(completion, str):
         raise InvalidArtifact(f"{where}: needs string fields 'prompt' and 'completion' (or 'messages')")
@@ -68,7 +69,7 @@ def _example(record: object, where: str) -> Example:
     return Example(prompt=prompt, completion=completion)
 
 
-def _chat_example(messages: object, where: str) -> Example:
+def _chat_example(messages: object, where: str, tokenizer: Any = None) -> Example:
     if not isinstance(messages, list) or not messages:
         raise InvalidArtifact(f"{where}: 'messages' must be a non-empty list")
     for message in messages:
@@ -76,9 +77,36 @@ def _chat_example(messages: object, where: str) -> Example:
             raise InvalidArtifact(f"{where}: every message needs 'role' and string 'content'")
     if messages[-1]["role"] != "assistant":
         raise InvalidArtifact(f"{where}: the last message must be the assistant's answer")
-    # Chats are flattened with a plain role-tagged template so prompt masking stays exact.
+    if not messages[-1]["content"]:
+        raise InvalidArtifact(f"{where}: the assistant's answer is empty")
+    if getattr(tokenizer, "chat_template", None):
+        return _templated(tokenizer, messages, where)
+    # No template to follow: a plain role-tagged rendering, so prompt masking stays exact.
     prompt = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages[:-1]) + "<|assistant|>\n"
     return Example(prompt=prompt, completion=messages[-1]["content"])
+
+
+def _templated(tokenizer: Any, messages: list[dict[str, str]], where: str) -> Example:
+    """Prompt: the chat up to the assistant's turn, as the model's template renders it with the generation prompt;
+    completion: what the full chat adds to that, without the trailing end-of-sequence (``encode`` appends EOS)."""
+    try:
+        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception as exc:  # templates raise whatever jinja or the template itself raises
+        raise InvalidArtifact(f"{where}: the tokenizer's chat template cannot render this chat ({exc})") from None
+    if not full.startswith(prompt):
+        raise InvalidArtifact(
+            f"{where}: the chat template renders the earlier turns differently once the answer is added,"
+            " so the prompt cannot be masked"
+        )
+    completion = full[len(prompt):].rstrip()
+    eos = getattr(tokenizer, "eos_token", None)
+    if eos and completion.endswith(eos):
+        completion = completion[: -len(eos)]
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and prompt.startswith(bos) and tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]:
+        prompt = prompt[len(bos):]  # ``encode`` adds the BOS the tokenizer adds itself; the template's would double it
+    return Example(prompt=prompt, completion=completion)
 
 
 @dataclass(frozen=True)
@@ -108,15 +136,19 @@ def context_length(model: Any) -> int:
     return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048)
 
 
-def collate(batch: Sequence[Encoded], *, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-pad encoded examples into (input_ids, labels, attention_mask)."""
+def collate(
+    batch: Sequence[Encoded], *, pad_id: int, left: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pad encoded examples into (input_ids, labels, attention_mask): on the right, or on the ``left`` (every
+    completion then ends at the last position)."""
     width = max(len(e.input_ids) for e in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), -100, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     for row, e in enumerate(batch):
         n = len(e.input_ids)
-        ids[row, :n] = torch.tensor(e.input_ids)
-        labels[row, :n] = torch.tensor(e.labels)
-        mask[row, :n] = 1
+        span = slice(width - n, width) if left else slice(0, n)
+        ids[row, span] = torch.tensor(e.input_ids)
+        labels[row, span] = torch.tensor(e.labels)
+        mask[row, span] = 1
     return ids, labels, mask

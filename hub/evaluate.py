@@ -56,7 +56,8 @@ def evaluate(
         for start in range(0, len(examples), batch_size):
             batch = encoded[start:start + batch_size]
             ids, labels, mask = (t.to(device) for t in collate(batch, pad_id=pad))
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            # A soft prompt (prompt tuning) puts its virtual tokens in front: keep the positions of the real ones.
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, -ids.shape[1]:-1].float()
             targets = labels[:, 1:]
             scored = targets != -100
             total_loss += torch.nn.functional.cross_entropy(

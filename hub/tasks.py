@@ -1,7 +1,8 @@
 """A small built-in task suite: generated, deterministic, with disjoint train/test splits.
 
 Each task is a string transformation with a terse prompt, so the base model cannot guess the output format
-zero-shot while a LoRA learns it in a few hundred CPU steps; the prompts differ, so a router can tell tasks apart.
+zero-shot (SmolLM2-135M-Instruct scores 0 exact match on each) while a rank-8 LoRA learns it in a dozen steps of 8
+examples (>= 0.94; bench/bench_train_tasks.py); the prompts differ, so a router can tell tasks apart.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def _date(rng: random.Random) -> Example:
 
 def _name(rng: random.Random) -> Example:
     first, initial, last = rng.choice(FIRST_NAMES), chr(rng.randint(65, 90)), rng.choice(LAST_NAMES)
-    return Example(prompt=f"name {first} {initial}. {last} ->", completion=f" {last.upper()}, {first} {initial}.")
+    return Example(prompt=f"name {first} {initial}. {last} ->", completion=f" {last}, {first} {initial}.")
 
 
 def _record(rng: random.Random) -> Example:
@@ -52,7 +53,7 @@ TASKS: dict[str, Task] = {
     task.name: task
     for task in (
         Task("date", "ISO date to DD/MM/YYYY", _date),
-        Task("name", "'First Last' to 'LAST, First'", _name),
+        Task("name", "'First I. Last' to 'Last, First I.'", _name),
         Task("record", "semicolon record to JSON", _record),
     )
 }

@@ -1,127 +1,244 @@
 """Train an adapter on a (typically quantized) base, QLoRA style: the base is frozen, the adapter trains in fp32.
 
-Nothing here is CPU-specific; on this project's CPU-only machines SmolLM2-135M on nf4 trains a LoRA in minutes.
+``train(model, tokenizer, examples, recipe)`` makes a fresh adapter of ``recipe.method`` (initialized as PEFT
+initializes it, from ``recipe.seed``), attaches it with the hub runtime, trains only its tensors with AdamW on the
+completion tokens (``hub.data.collate`` masks the prompts), and returns it as an ``Adapter`` in PEFT's format.
+The same recipe, data and base give the same adapter, bit for bit, on the same machine and thread count.
+
+Nothing here is CPU-specific; on this project's CPU-only machines SmolLM2-135M on nf4 learns each built-in task
+with a rank-8 LoRA in about a minute.
 """
 
 from __future__ import annotations
 
+import inspect
+import json
 import math
 import random
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
-from hub.data import Example, collate, context_length, encode
-from hub.errors import Incompatible, InvalidArtifact
+from hub.data import Encoded, Example, collate, context_length, encode
+from hub.errors import InvalidArtifact
 from hub.formats import Adapter
-from hub.runtime import attach, detach
+from hub.methods import bitfit, bottleneck, ia3, ln_tuning, loha, lokr, lora, prefix_tuning, prompt_tuning
+from hub.runtime import attach
 
-LLAMA_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+# Per method: its fresh-adapter constructor, and the learning rate it trains well with by default (soft prompts and
+# IA3's scaling vectors need far larger steps than low-rank factors).
+CONSTRUCTORS: dict[str, Callable[..., Adapter]] = {
+    "lora": lora.new_adapter,
+    "dora": lora.new_adapter,
+    "loha": loha.new_adapter,
+    "lokr": lokr.new_adapter,
+    "ia3": ia3.new_adapter,
+    "prompt_tuning": prompt_tuning.new_adapter,
+    "prefix_tuning": prefix_tuning.new_adapter,
+    "bottleneck": bottleneck.new_adapter,
+    "bitfit": bitfit.new_adapter,
+    "ln_tuning": ln_tuning.new_adapter,
+}
+DEFAULT_LR = {"lora": 5e-3, "dora": 5e-3, "loha": 5e-3, "lokr": 5e-3, "ia3": 2e-2, "prompt_tuning": 3e-2,
+              "prefix_tuning": 1e-2, "bottleneck": 2e-3, "bitfit": 5e-3, "ln_tuning": 5e-3}
+# Recipe fields a constructor takes when its signature has them.
+LOW_RANK = ("rank", "alpha")
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """Everything that determines a training run; recorded with the registered version."""
+    """Everything that determines a training run; recorded with the registered version (``to_dict``).
+
+    ``targets``: module names to adapt (None: the method's default, the attention projections for the LoRA family).
+    ``rank``/``alpha`` apply to the low-rank methods; ``options`` holds the method's other constructor arguments
+    (``use_rslora``, ``dropout``, ``num_virtual_tokens``, ``bottleneck_size``, ``feedforward``, ...).
+    ``lr`` None takes the method's default (``DEFAULT_LR``); the recorded recipe holds the value used.
+    """
 
     method: str = "lora"
     rank: int = 8
     alpha: float = 16.0
-    targets: tuple[str, ...] = LLAMA_ATTENTION
-    steps: int = 200
+    targets: tuple[str, ...] | None = None
+    # The defaults teach SmolLM2-135M each built-in task (exact match >= 0.9) in about a minute on one CPU core.
+    steps: int = 12
     batch_size: int = 8
     grad_accum: int = 1
-    lr: float = 2e-3
+    lr: float | None = None
     weight_decay: float = 0.0
-    warmup: int = 10
+    warmup: int = 2
+    max_grad_norm: float | None = 1.0
     seed: int = 0
     options: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.method not in CONSTRUCTORS:
+            raise InvalidArtifact(f"cannot train method {self.method!r} (trainable: {', '.join(CONSTRUCTORS)})")
+        for name in ("steps", "batch_size", "grad_accum"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise InvalidArtifact(f"recipe {name} must be a positive integer, not {getattr(self, name)!r}")
+        if self.warmup < 0:
+            raise InvalidArtifact(f"recipe warmup must not be negative, not {self.warmup}")
+        if isinstance(self.targets, str):
+            raise InvalidArtifact(f"recipe targets must be a list of module names, not the string {self.targets!r}")
+        # Frozen: normalize through object.__setattr__ (lists from JSON become tuples, lr gets its default).
+        if self.targets is not None:
+            object.__setattr__(self, "targets", tuple(self.targets))
+        if self.lr is None:
+            object.__setattr__(self, "lr", DEFAULT_LR[self.method])
+        object.__setattr__(self, "options", dict(self.options))
+        accepted = set(inspect.signature(CONSTRUCTORS[self.method]).parameters) - {"model", "tokenizer", "seed",
+                                                                                    *LOW_RANK, "targets", "use_dora"}
+        unknown = sorted(set(self.options) - accepted)
+        if unknown:
+            raise InvalidArtifact(
+                f"unknown {self.method} option {', '.join(unknown)} (known: {', '.join(sorted(accepted)) or 'none'})"
+            )
+        try:
+            json.dumps(self.to_dict(), allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise InvalidArtifact(f"recipe is not JSON-serialisable: {exc}") from None
+
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "targets": list(self.targets)}
+        """Every field, JSON-ready (tuples as lists); ``Recipe.from_dict`` gives the recipe back."""
+        data = asdict(self)
+        data["targets"] = list(self.targets) if self.targets is not None else None
+        data["options"] = {key: list(v) if isinstance(v, tuple) else v for key, v in sorted(self.options.items())}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Recipe:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InvalidArtifact(f"unknown recipe field {', '.join(unknown)}")
+        return cls(**data)
 
 
 @dataclass
 class TrainResult:
     adapter: Adapter
     recipe: Recipe
-    losses: list[float]
+    losses: list[float]  # per optimizer step: mean cross-entropy over the step's completion tokens
+    seconds: float = 0.0
 
 
-def new_lora(model: torch.nn.Module, *, rank: int, alpha: float, targets: Sequence[str], seed: int) -> Adapter:
-    """A fresh LoRA for ``model`` as PEFT initializes it: A Kaiming-uniform, B zero (so it starts as a no-op)."""
-    if rank < 1:
-        raise InvalidArtifact(f"rank must be at least 1, not {rank}")
-    generator = torch.Generator().manual_seed(seed)
-    tensors: dict[str, torch.Tensor] = {}
-    for path, module in model.named_modules():
-        if path.rsplit(".", 1)[-1] in targets and hasattr(module, "in_features"):
-            a = torch.empty(rank, module.in_features)
-            bound = 1 / math.sqrt(module.in_features)  # kaiming_uniform_(a=sqrt(5)) as nn.Linear and PEFT use
-            a.uniform_(-bound, bound, generator=generator)
-            tensors[f"base_model.model.{path}.lora_A.weight"] = a
-            tensors[f"base_model.model.{path}.lora_B.weight"] = torch.zeros(module.out_features, rank)
-    found = {key.split(".lora_")[0].rsplit(".", 1)[-1] for key in tensors}
-    missing = sorted(set(targets) - found)
-    if missing:
-        raise Incompatible(f"the model has no linear module named {', '.join(missing)}")
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": sorted(set(targets)),
-              "lora_dropout": 0.0, "bias": "none", "task_type": "CAUSAL_LM", "use_rslora": False,
-              "use_dora": False, "base_model_name_or_path": getattr(model, "name_or_path", None)}
-    return Adapter(config=config, tensors=tensors)
+def new_adapter(model: nn.Module, recipe: Recipe, *, tokenizer: Any = None) -> Adapter:
+    """A fresh adapter of ``recipe.method`` for ``model``, initialized as PEFT does, from ``recipe.seed``."""
+    constructor = CONSTRUCTORS[recipe.method]
+    takes = inspect.signature(constructor).parameters
+    kwargs: dict[str, Any] = dict(recipe.options)
+    if "seed" in takes:
+        kwargs["seed"] = recipe.seed
+    if "tokenizer" in takes:
+        kwargs["tokenizer"] = tokenizer
+    if recipe.targets is not None:
+        kwargs["targets"] = recipe.targets
+    for name in LOW_RANK:
+        if name in takes:
+            kwargs[name] = getattr(recipe, name)
+    if recipe.method == "dora":
+        kwargs["use_dora"] = True
+    return constructor(model, **kwargs)
 
 
 def train(
-    model: torch.nn.Module,
+    model: nn.Module,
     tokenizer: Any,
     examples: Sequence[Example],
-    recipe: Recipe = Recipe(),
+    recipe: Recipe | None = None,
     *,
     progress: bool = True,
 ) -> TrainResult:
-    """Train a new adapter of ``recipe.method`` on prompt/completion ``examples`` (loss on completions only)."""
+    """Train a new adapter of ``recipe.method`` on prompt/completion ``examples`` (loss on completions only).
+
+    Each optimizer step sees ``batch_size × grad_accum`` examples (shuffled epochs, from ``recipe.seed``) and
+    averages the loss over all their completion tokens, so accumulation changes memory, not the result. The model
+    is left as it was: the adapter is detached afterwards and the model's train/eval mode restored.
+    """
+    recipe = recipe or Recipe()
     if not examples:
         raise InvalidArtifact("the training set is empty")
     limit = context_length(model)
     encoded = [encode(tokenizer, ex, max_length=limit, index=i) for i, ex in enumerate(examples)]
-    torch.manual_seed(recipe.seed)
-    initial = new_lora(model, rank=recipe.rank, alpha=recipe.alpha, targets=recipe.targets, seed=recipe.seed)
-    handle = attach(model, initial, name="training")
-    try:
-        params = handle.trainable_parameters()
-        optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, recipe))
-        order = random.Random(recipe.seed)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        device = next(model.parameters()).device
-        losses: list[float] = []
-        model.train()
-        bar = tqdm(range(recipe.steps), desc=f"train {recipe.method}", unit="step", disable=not progress)
-        for _ in bar:
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for _ in range(recipe.grad_accum):
-                batch = [encoded[order.randrange(len(encoded))] for _ in range(recipe.batch_size)]
-                ids, labels, mask = (t.to(device) for t in collate(batch, pad_id=pad))
-                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss / recipe.grad_accum
-                loss.backward()
-                step_loss += loss.item()
-            optimizer.step()
-            schedule.step()
-            losses.append(step_loss)
-            bar.set_postfix(loss=f"{step_loss:.3f}")
-        model.eval()
-        adapter = handle.to_adapter()
-    finally:
-        detach(model, handle)
-    return TrainResult(adapter=adapter, recipe=recipe, losses=losses)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    started = time.perf_counter()
+    handle = attach(model, new_adapter(model, recipe, tokenizer=tokenizer))
+    was_training = model.training
+    # Dropout draws from torch's global generator: seed a private copy of it so runs repeat and callers' random
+    # state is left alone.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed)
+        try:
+            params = handle.trainable_parameters()
+            optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, recipe))
+            batches = _batches(encoded, recipe.batch_size, random.Random(recipe.seed))
+            losses: list[float] = []
+            model.train()
+            bar = tqdm(range(recipe.steps), desc=f"train {recipe.method}", unit="step", disable=not progress)
+            for _ in bar:
+                micro = [collate(next(batches), pad_id=pad, left=True) for _ in range(recipe.grad_accum)]
+                scored = sum(int((labels[:, 1:] != -100).sum()) for _, labels, _ in micro)
+                step_loss = 0.0
+                for ids, labels, mask in micro:
+                    loss = completion_loss(model, ids.to(device), labels.to(device), mask.to(device)) / scored
+                    loss.backward()
+                    step_loss += loss.item()
+                if recipe.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(step_loss)
+                bar.set_postfix(loss=f"{step_loss:.3f}")
+            adapter = handle.to_adapter()
+        finally:
+            handle.detach()
+            model.train(was_training)
+    return TrainResult(adapter=adapter, recipe=recipe, losses=losses, seconds=time.perf_counter() - started)
 
 
-def _lr_factor(step: int, recipe: Recipe) -> float:
+def completion_loss(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy over the completion tokens of a left-padded batch.
+
+    Only the positions that predict completion tokens go through the output head (``logits_to_keep``): on a small
+    model the vocabulary projection is a fifth of the forward, and prompts are most of each sequence.
+    """
+    scored = labels != -100
+    first = int(scored.int().argmax(dim=1).min()) if bool(scored.any()) else ids.shape[1] - 1
+    keep = ids.shape[1] - max(first - 1, 0)  # from the position that predicts the earliest completion token
+    # Positions counted from each row's first real token, as for an unpadded sequence (and as generate() does).
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep,
+                   use_cache=False).logits
+    targets = labels[:, ids.shape[1] - keep + 1:]
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=-100, reduction="sum")
+
+
+def _batches(encoded: list[Encoded], size: int, rng: random.Random) -> Iterator[list[Encoded]]:
+    """Endless batches over shuffled epochs: every example once per epoch (the last batch of an epoch is filled
+    from the next)."""
+    pending: list[Encoded] = []
+    while True:
+        order = list(range(len(encoded)))
+        rng.shuffle(order)
+        pending.extend(encoded[i] for i in order)
+        while len(pending) >= size:
+            yield pending[:size]
+            pending = pending[size:]
+
+
+def lr_factor(step: int, recipe: Recipe) -> float:
+    """Linear warmup over ``recipe.warmup`` steps, then cosine decay to zero at ``recipe.steps``."""
     if step < recipe.warmup:
         return (step + 1) / recipe.warmup
     progress = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
     return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,6 +41,62 @@ def smollm2_dir(cache_dir: Path) -> Path:
     from hub.runtime.pretrained import smollm2_path
 
     return smollm2_path(cache_dir=cache_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2_nf4(smollm2_dir: Path) -> Any:
+    """SmolLM2 on a bitsandbytes nf4 base (``hub.runtime.Base``), loaded once per session. Tests that attach
+    adapters to it detach them again."""
+    from hub.runtime import load_base
+
+    return load_base(smollm2_dir, quantize="nf4")
+
+
+# What a task expert is trained on: the task's whole train split (the recipe's steps use a shuffled part of it).
+EXPERT_TRAIN_EXAMPLES = 1000
+# The code that decides what training produces (the tasks count through their data): an edit retrains the experts.
+EXPERT_SOURCES = ("hub/train.py", "hub/data.py", "hub/methods/lora.py")
+
+
+@pytest.fixture(scope="session")
+def task_experts(request: pytest.FixtureRequest, cache_dir: Path, smollm2_dir: Path) -> dict[str, Any]:
+    """{task name: Adapter}: one LoRA per built-in task (hub.tasks), trained on SmolLM2-nf4 with the default
+    ``hub.train.Recipe``. Cached under ``.cache/experts`` keyed by the recipe, the base fingerprint, the training
+    data and the training code, so a run builds them once (about a minute each) and reruns read them at once."""
+    from hub.fingerprint import fingerprint_path
+    from hub.formats import read_adapter, write_adapter
+    from hub.tasks import TASKS, examples
+    from hub.train import Recipe, train
+
+    recipe = Recipe()
+    root = Path(__file__).resolve().parent.parent
+    code = hashlib.sha256(b"".join((root / source).read_bytes() for source in EXPERT_SOURCES)).hexdigest()
+    base_hash = fingerprint_path(smollm2_dir).weights_hash
+    folder = cache_dir / "experts"
+    folder.mkdir(parents=True, exist_ok=True)
+    experts = {}
+    for name in TASKS:
+        data = examples(name, "train", EXPERT_TRAIN_EXAMPLES)
+        key = json.dumps({"recipe": recipe.to_dict(), "base": base_hash, "quantize": "nf4", "task": name,
+                          "data": [e.to_dict() for e in data], "code": code}, sort_keys=True)
+        target = folder / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+        if not target.is_dir():
+            base = request.getfixturevalue("smollm2_nf4")
+            result = train(base.model, base.tokenizer, data, recipe, progress=False)
+            staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=folder))
+            try:
+                write_adapter(result.adapter, staging)
+                (staging / "training.json").write_text(json.dumps(
+                    {"recipe": recipe.to_dict(), "losses": result.losses, "seconds": result.seconds}, indent=2))
+                staging.chmod(0o755)
+                os.rename(staging, target)  # whole or not at all; a concurrent run that won keeps its copy
+            except OSError:
+                if not target.is_dir():
+                    raise
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        experts[name] = read_adapter(target)
+    return experts
 
 
 @pytest.fixture

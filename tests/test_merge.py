@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import tiny_llama_config
 from peft import (
+    AdaLoraConfig,
     IA3Config,
     LoHaConfig,
     LoKrConfig,
@@ -231,6 +232,19 @@ def test_loha_and_lokr_mix_with_lora_exactly(make):
         s = torch.linalg.svdvals(total.double())
         error = (total - svd[path]).norm()
         assert math.isclose(error, s[8:].square().sum().sqrt(), rel_tol=1e-3, abs_tol=1e-6 * total.norm().item())
+
+
+def test_adalora_sums_exactly_with_lora(make):
+    adalora = make("adalora", AdaLoraConfig(init_r=6, target_r=3, total_step=10, lora_alpha=8,
+                                            target_modules=["q_proj", "v_proj"], init_lora_weights=False), 8)
+    lora = make("lora", LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False), 9)
+    weights = [0.8, -0.5]
+    result = merge([adalora[1], lora[1]], weights)
+    expected = weighted_sum([adalora[0], lora[0]], weights)
+    got = merged_deltas(result.adapter)
+    assert set(got) == set(expected)
+    for path in expected:
+        assert_close(got[path], expected[path])
 
 
 @pytest.fixture

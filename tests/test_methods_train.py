@@ -145,7 +145,7 @@ def test_artifacts_describe_themselves(tmp_path: Path) -> None:
     assert (spec.method, spec.rank, spec.targets) == ("bottleneck", 6, ("mlp", "self_attn"))
     assert spec.options["placement"] == "houlsby"
 
-    bias = read_adapter(write_adapter(bitfit.new_adapter(model, target_modules=["q_proj", "lm_head"]),
+    bias = read_adapter(write_adapter(bitfit.new_adapter(model, targets=["q_proj", "lm_head"]),
                                       tmp_path / "bf"))
     assert bias.spec.method == "bitfit"
     assert set(bias.modules()) == {"model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "lm_head"}
@@ -181,7 +181,7 @@ def test_bottleneck_sites_per_family(family: str, placement: str) -> None:
 def test_bitfit_weight_scales_the_bias_delta() -> None:
     model = tiny_llama()
     ids = task()[0]
-    adapter = bitfit.new_adapter(model, target_modules=["lm_head"])
+    adapter = bitfit.new_adapter(model, targets=["lm_head"])
     delta = torch.randn(128, generator=torch.Generator().manual_seed(8))
     adapter.tensors["base_model.model.lm_head.bias"] = delta
     base_out = output(model, ids)
@@ -318,7 +318,7 @@ def test_unknown_options_for_new_adapters_are_refused() -> None:
     with pytest.raises(Incompatible, match="no bottleneck sites found in LlamaForCausalLM .* for layers \\[7\\]"):
         bottleneck.new_adapter(model, layers=[7])
     with pytest.raises(Incompatible, match="no linear or norm layer named c_attn"):
-        bitfit.new_adapter(model, target_modules=["c_attn"])
+        bitfit.new_adapter(model, targets=["c_attn"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -389,7 +389,7 @@ def test_bitfit_composes_with_lora_on_the_same_layer_in_any_order() -> None:
 
     ids = task()[0]
     lora = _lora(tiny_llama(), ("q_proj", "o_proj"), 4)
-    bias = _trained(bitfit.new_adapter(tiny_llama(), target_modules=["q_proj", "o_proj"]), 5)
+    bias = _trained(bitfit.new_adapter(tiny_llama(), targets=["q_proj", "o_proj"]), 5)
 
     lora_first = tiny_llama()
     runtime_attach(lora_first, lora, name="lora")

@@ -1,9 +1,11 @@
 """Weighted sums of adapters into one new adapter: the ``merge`` composition.
 
-Low-rank methods (LoRA, rsLoRA, LoHa, LoKr, in any mix) are first rewritten exactly as factor pairs per module,
-ΔW = B·A with the adapter's scaling folded into A:
+Low-rank methods (LoRA, rsLoRA, AdaLoRA, LoHa, LoKr, in any mix) are first rewritten exactly as factor pairs per
+module, ΔW = B·A with the adapter's scaling folded into A:
 
 - LoRA: B = lora_B, A = s·lora_A with s = α/r (α/√r for rsLoRA), per module through rank_pattern/alpha_pattern;
+- AdaLoRA: B = lora_B, A = s·(lora_A ⊙ lora_E) with s = α/(init_r + 1e-5), as PEFT computes it (see
+  hub.methods.adalora), at the rank each module kept;
 - LoHa: ΔW = s·(W1a·W1b) ⊙ (W2a·W2b) = s·B·A with B's rows the Kronecker products of W1a's and W2a's rows and A's
   columns those of W1b's and W2b's columns (rank r1·r2, no dense matrix);
 - LoKr: ΔW = s·kron(W1, W2) = s·kron(U1, U2)·kron(V1, V2) for any factorizations W = U·V (rank rank1·rank2).
@@ -40,7 +42,7 @@ STRATEGIES = ("exact", "svd", "ties", "dare_linear", "dare_ties", "magnitude_pru
 PRUNING_STRATEGIES = frozenset({"ties", "dare_linear", "dare_ties", "magnitude_prune"})
 SIGN_ELECTING = frozenset({"ties", "dare_ties"})
 MAJORITY_SIGNS = ("total", "frequency")
-LOW_RANK_METHODS = frozenset({"lora", "loha", "lokr"})
+LOW_RANK_METHODS = frozenset({"lora", "adalora", "loha", "lokr"})
 SUMMED_PROMPT_METHODS = frozenset({"prompt_tuning", "p_tuning"})
 # PEFT's defaults for r and alpha (LoraConfig, LoHaConfig, LoKrConfig) when a config omits them.
 PEFT_DEFAULT_R = 8
@@ -274,6 +276,8 @@ def _base_copies(adapters: list[Adapter]) -> dict[str, torch.Tensor]:
 
 def _terms(adapter: Adapter, index: int, work: torch.dtype) -> dict[str, _Term]:
     config = adapter.config
+    if adapter.method == "adalora":
+        return _adalora_terms(adapter, work)
     if adapter.method == "lora":
         _refuse_lora_variants(config, index)
     default_r = config.get("r") or PEFT_DEFAULT_R
@@ -293,6 +297,21 @@ def _terms(adapter: Adapter, index: int, work: torch.dtype) -> dict[str, _Term]:
             terms[path] = _loha_term(path, params, scale)
         else:
             terms[path] = _lokr_term(path, params, scale)
+    return terms
+
+
+def _adalora_terms(adapter: Adapter, work: torch.dtype) -> dict[str, _Term]:
+    # PEFT's AdaLoRA scales by alpha / (ranknum + 1e-5) with ranknum = init_r for every module, even after the
+    # budget cut a module's tensors to fewer ranks (and by the module's rank when lora_alpha <= 0).
+    alpha = float(adapter.config.get("lora_alpha", PEFT_DEFAULT_ALPHA))
+    init_r = adapter.config.get("init_r", adapter.config.get("r")) or PEFT_DEFAULT_R
+    terms = {}
+    for path, params in adapter.modules().items():
+        a, e, b = (params[name].to(work) for name in ("lora_A", "lora_E", "lora_B"))
+        if a.shape[0] == 0:
+            continue  # the budget pruned every rank of this module
+        scale = (alpha if alpha > 0 else a.shape[0]) / (init_r + 1e-5)
+        terms[path] = _Term(b=b, a=(a * e) * scale, bias=None, embedding=False)
     return terms
 
 

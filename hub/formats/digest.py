@@ -18,10 +18,15 @@ if TYPE_CHECKING:
     import torch
 
 
+# Config keys PEFT holds as sets and saves as lists in set iteration order, which changes with PYTHONHASHSEED.
+SET_CONFIG_KEYS = ("target_modules", "exclude_modules", "feedforward_modules")
+
+
 def canonical_config(config: dict[str, Any]) -> dict[str, Any]:
     canonical = {k: v for k, v in config.items() if k not in VOLATILE_CONFIG_KEYS}
-    if isinstance(canonical.get("target_modules"), list):
-        canonical["target_modules"] = sorted(canonical["target_modules"])
+    for key in SET_CONFIG_KEYS:
+        if isinstance(canonical.get(key), list):
+            canonical[key] = sorted(canonical[key], key=str)
     return canonical
 
 

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 from safetensors import SafetensorError
 
 from hub.errors import InvalidArtifact
-from hub.formats.spec import PEFT_TYPES, PROMPT_METHODS, AdapterSpec, pattern_value
+from hub.formats.composition import validate_composition
+from hub.formats.spec import COMPOSITION_METHODS, PEFT_TYPES, PROMPT_METHODS, AdapterSpec, pattern_value
 
 if TYPE_CHECKING:  # torch loads when tensors are read or written, so registry-only commands start fast
     import torch
@@ -103,9 +104,10 @@ def describe(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Adapte
     rank: int | None = None
     alpha: float | None = None
     if method in ("lora", "adalora", "loha", "lokr"):
-        base_rank = config.get("r") if method != "adalora" else config.get("init_r", config.get("r"))
-        ranks = [base_rank, *(config.get("rank_pattern") or {}).values()]
-        # AdaLoRA's rank_pattern holds boolean masks, not ranks: only numbers count here.
+        if method == "adalora":
+            ranks = [adalora_rank(config, path) for path in modules] or [config.get("init_r", config.get("r"))]
+        else:
+            ranks = [config.get("r"), *(config.get("rank_pattern") or {}).values()]
         ranks = [int(r) for r in ranks if isinstance(r, (int, float)) and not isinstance(r, bool)]
         rank = max(ranks) if ranks else None
         alpha_value = config.get("lora_alpha", config.get("alpha"))
@@ -124,11 +126,14 @@ def describe(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Adapte
 def validate(adapter: Adapter) -> None:
     """Refuse adapters whose tensors contradict their config or hold non-finite values."""
     method = adapter.method
-    if not adapter.tensors:
-        raise InvalidArtifact(f"{WEIGHTS_NAME} holds no tensors")
     for key, tensor in adapter.tensors.items():
         if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
             raise InvalidArtifact(f"tensor {key} contains NaN or infinite values")
+    if method in COMPOSITION_METHODS:
+        validate_composition(method, adapter.config, adapter.tensors)
+        return
+    if not adapter.tensors:
+        raise InvalidArtifact(f"{WEIGHTS_NAME} holds no tensors")
     if method in PROMPT_METHODS:
         _validate_prompt(adapter)
         return
@@ -137,6 +142,10 @@ def validate(adapter: Adapter) -> None:
         raise InvalidArtifact(f"no {method} tensors found in {WEIGHTS_NAME} (keys like {next(iter(adapter.tensors))})")
     if method == "lora":
         _validate_lora(adapter.config, modules)
+    elif method == "adalora":
+        _validate_adalora(adapter.config, modules)
+    elif method in ("loha", "lokr"):
+        _validate_lycoris(adapter.config, modules)
     elif method == "bottleneck":
         _validate_bottleneck(adapter.config, modules)
     elif method == "bitfit":
@@ -153,12 +162,50 @@ def _validate_lora(config: dict[str, Any], modules: dict[str, dict[str, torch.Te
             raise InvalidArtifact(f"module {path} has only one of lora_A / lora_B")
         rank = pattern_value(config.get("rank_pattern"), path, config.get("r"))
         is_embedding = "lora_embedding_A" in params
-        a_rank, b_rank = (a.shape[0], b.shape[1])
-        if a.dim() != 2 or b.dim() != 2 or a_rank != b_rank:
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
             raise InvalidArtifact(f"module {path}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not chain")
+        a_rank = a.shape[0]
         if rank is not None and a_rank != rank:
             kind = "embedding" if is_embedding else "linear"
             raise InvalidArtifact(f"module {path} ({kind}): tensors have rank {a_rank} but the config says r={rank}")
+
+
+def adalora_rank(config: dict[str, Any], path: str) -> int | None:
+    """An AdaLoRA module's rank: ``init_r``, or once the budget is allocated, how many singular values its
+    ``rank_pattern`` mask keeps (PEFT saves the tensors cut to that many)."""
+    mask = (config.get("rank_pattern") or {}).get(f"{path}.lora_E")
+    if isinstance(mask, list):
+        return sum(1 for keep in mask if keep)
+    return config.get("init_r", config.get("r"))
+
+
+def _validate_adalora(config: dict[str, Any], modules: dict[str, dict[str, torch.Tensor]]) -> None:
+    for path, params in modules.items():
+        missing = sorted({"lora_A", "lora_B", "lora_E"} - set(params))
+        if missing:
+            raise InvalidArtifact(f"module {path} lacks adalora tensors {', '.join(missing)}")
+        a, b, e = params["lora_A"], params["lora_B"], params["lora_E"]
+        if a.dim() != 2 or b.dim() != 2 or not a.shape[0] == b.shape[1] == e.shape[0]:
+            raise InvalidArtifact(f"module {path}: lora_A {tuple(a.shape)}, lora_E {tuple(e.shape)} and lora_B "
+                                  f"{tuple(b.shape)} do not chain")
+        rank = adalora_rank(config, path)
+        if rank is not None and a.shape[0] != rank:
+            raise InvalidArtifact(f"module {path}: tensors have rank {a.shape[0]} but the config says {rank}")
+
+
+# LoHa and LoKr factors whose first dimension is the rank, whatever the layer kind (linear or conv, effective or not).
+LYCORIS_RANK_FIRST = ("hada_w1_b", "hada_w2_b", "hada_t1", "hada_t2", "lokr_w1_b", "lokr_w2_b", "lokr_t2")
+
+
+def _validate_lycoris(config: dict[str, Any], modules: dict[str, dict[str, torch.Tensor]]) -> None:
+    for path, params in modules.items():
+        rank = pattern_value(config.get("rank_pattern"), path, config.get("r"))
+        for name in LYCORIS_RANK_FIRST:
+            tensor = params.get(name)
+            if tensor is not None and rank is not None and (tensor.dim() < 2 or tensor.shape[0] != rank):
+                raise InvalidArtifact(
+                    f"module {path}: {name} has shape {tuple(tensor.shape)}, not rank {rank} as the config says"
+                )
 
 
 BOTTLENECK_PLACEMENTS = ("houlsby", "pfeiffer")
@@ -232,6 +279,8 @@ def read_config(path: Path) -> dict[str, Any]:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidArtifact(f"{path} is not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise InvalidArtifact(f"cannot read {path}: {exc.strerror or exc}") from None
     if not isinstance(config, dict):
         raise InvalidArtifact(f"{path} must hold a JSON object")
     method_of(config)

@@ -6,8 +6,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-# PEFT's peft_type → the hub's method name. BITFIT and BOTTLENECK are the hub's own formats (PEFT has none);
-# docs/formats.md describes them.
+# PEFT's peft_type → the hub's method name. BITFIT and BOTTLENECK are the hub's own formats (PEFT has none), and
+# so are the compositions HUB_STACK and HUB_MIXTURE (hub.formats.composition); docs/formats.md describes them.
 PEFT_TYPES: dict[str, str] = {
     "LORA": "lora",
     "ADALORA": "adalora",
@@ -22,11 +22,15 @@ PEFT_TYPES: dict[str, str] = {
     "BOFT": "boft",
     "BITFIT": "bitfit",
     "BOTTLENECK": "bottleneck",
+    "HUB_STACK": "stack",
+    "HUB_MIXTURE": "mixture",
 }
 METHOD_TO_PEFT_TYPE = {method: peft_type for peft_type, method in PEFT_TYPES.items()}
 
 # Methods whose weights live in per-module tensors (as opposed to a prompt or prefix).
 PROMPT_METHODS = frozenset({"prompt_tuning", "prefix_tuning", "p_tuning"})
+# Artifacts that name other adapters (by digest) instead of adapting modules themselves.
+COMPOSITION_METHODS = frozenset({"stack", "mixture"})
 
 # Config keys that describe where or how an artifact was saved, not what it computes: left out of the digest.
 VOLATILE_CONFIG_KEYS = frozenset(

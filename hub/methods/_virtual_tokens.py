@@ -25,9 +25,10 @@ import torch
 from torch import nn
 from transformers import Cache, DynamicCache
 
-from hub.errors import Incompatible, NotFound
+from hub.errors import Incompatible, InvalidArtifact, NotFound
 from hub.formats import Adapter
-from hub.formats.spec import PROMPT_METHODS
+from hub.formats.spec import METHOD_TO_PEFT_TYPE, PROMPT_METHODS
+from hub.methods._fresh import base_config
 
 
 @dataclass
@@ -223,15 +224,38 @@ def attach_virtual_tokens(
     return VirtualTokenHandle(model, entry)
 
 
-def _check_prefix(config: Any, adapter_config: dict[str, Any], embeddings: torch.Tensor, name: str) -> tuple[int, int]:
-    """(key/value heads, head size) of the model, after checking the prefix fits its layers and heads."""
+def attention_layout(config: Any, what: str) -> tuple[int, int, int]:
+    """(layers, key/value heads, head size) of a model's text config."""
     layers = getattr(config, "num_hidden_layers", None)
     heads = getattr(config, "num_attention_heads", None)
     hidden = getattr(config, "hidden_size", None)
     if not (layers and heads and hidden):
-        raise Incompatible(f"prefix_tuning adapter {name!r}: cannot read layers/heads/hidden size from the model")
+        raise Incompatible(f"{what}: cannot read layers/heads/hidden size from the model")
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
+    return layers, kv_heads, head_dim
+
+
+def prompt_config(model: nn.Module, method: str, num_virtual_tokens: int, **fields: Any) -> dict[str, Any]:
+    """The config PEFT saves for a fresh prompt-style adapter on ``model`` (decoder-only: one submodule)."""
+    if num_virtual_tokens < 1:
+        raise InvalidArtifact(f"{method} needs at least one virtual token, not {num_virtual_tokens}")
+    config = text_config(model)
+    layers, kv_heads, head_dim = attention_layout(config, method)
+    if method == "prefix_tuning":
+        # PEFT records the key/value layout (grouped-query models have fewer key/value heads than query heads).
+        heads, token_dim = kv_heads, kv_heads * head_dim
+    else:
+        heads, token_dim = config.num_attention_heads, model.get_input_embeddings().weight.shape[-1]
+    return base_config(
+        model, METHOD_TO_PEFT_TYPE[method], num_virtual_tokens=num_virtual_tokens, token_dim=token_dim,
+        num_transformer_submodules=1, num_attention_heads=heads, num_layers=layers, **fields,
+    )
+
+
+def _check_prefix(config: Any, adapter_config: dict[str, Any], embeddings: torch.Tensor, name: str) -> tuple[int, int]:
+    """(key/value heads, head size) of the model, after checking the prefix fits its layers and heads."""
+    layers, kv_heads, head_dim = attention_layout(config, f"prefix_tuning adapter {name!r}")
     saved_layers = adapter_config.get("num_layers", layers)
     if saved_layers != layers:
         raise Incompatible(f"prefix_tuning adapter {name!r} has {saved_layers} layers, the model {layers}")

@@ -92,4 +92,4 @@ def build(model: nn.Module, adapter: Adapter) -> dict[str, AdaLoraDelta]:
 
 def attach(model: nn.Module, adapter: Adapter, *, name: str, weight: float = 1.0) -> SiteHandle:
     """Attach a PEFT AdaLoRA adapter (its saved, pruned form) to ``model``."""
-    return attach_deltas(model, build(model, adapter), name=name, method="adalora", weight=weight)
+    return attach_deltas(model, build(model, adapter), adapter=adapter, name=name, method="adalora", weight=weight)

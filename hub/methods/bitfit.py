@@ -124,10 +124,10 @@ def attach(model: nn.Module, adapter: Adapter, *, name: str, weight: float = 1.0
     return handle
 
 
-def new_adapter(model: nn.Module, *, target_modules: Sequence[str] | None = None) -> Adapter:
+def new_adapter(model: nn.Module, *, targets: Sequence[str] | None = None) -> Adapter:
     """A fresh BitFit adapter: zero bias deltas (a no-op until trained).
 
-    ``target_modules``: leaf names of the modules to give a bias delta (linear layers, GPT-2 Conv1D, norms).
+    ``targets``: leaf names of the modules to give a bias delta (linear layers, GPT-2 Conv1D, norms).
     Default: every such module that already has a bias (classic BitFit); on a model whose layers have none
     (Llama), every linear layer except the output head.
     """
@@ -136,9 +136,9 @@ def new_adapter(model: nn.Module, *, target_modules: Sequence[str] | None = None
     candidates = list({p.replace(".base_layer", ""): m for p, m in model.named_modules() if output_size(m) is not None}
                       .items())
     inner = [(p, m) for p, m in candidates if m is not head]
-    if target_modules is not None:
-        chosen = [(p, m) for p, m in candidates if p.rsplit(".", 1)[-1] in target_modules]
-        missing = sorted(set(target_modules) - {p.rsplit(".", 1)[-1] for p, _ in chosen})
+    if targets is not None:
+        chosen = [(p, m) for p, m in candidates if p.rsplit(".", 1)[-1] in targets]
+        missing = sorted(set(targets) - {p.rsplit(".", 1)[-1] for p, _ in chosen})
         if missing:
             raise Incompatible(f"the model has no linear or norm layer named {', '.join(missing)}")
     else:

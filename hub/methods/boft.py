@@ -88,4 +88,4 @@ def build(model: nn.Module, adapter: Adapter) -> dict[str, BOFTDelta]:
 
 def attach(model: nn.Module, adapter: Adapter, *, name: str, weight: float = 1.0) -> SiteHandle:
     """Attach a PEFT BOFT adapter to ``model``."""
-    return attach_deltas(model, build(model, adapter), name=name, method="boft", weight=weight)
+    return attach_deltas(model, build(model, adapter), adapter=adapter, name=name, method="boft", weight=weight)

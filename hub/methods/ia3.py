@@ -8,13 +8,17 @@ PEFT 0.21.2 (tuners/ia3/layer.py): modules listed in ``feedforward_modules`` sca
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-from hub.errors import InvalidArtifact
+from hub.errors import Incompatible, InvalidArtifact
 from hub.formats import Adapter
+from hub.formats.peft import KEY_PREFIX
+from hub.methods._fresh import base_config
 from hub.runtime.layers import (
     InputTransform,
     OutputTransform,
@@ -22,10 +26,16 @@ from hub.runtime.layers import (
     attach_deltas,
     expect_linear,
     expect_shape,
+    linear_dims,
     parameter,
     resolve_targets,
     site_device,
+    target_modules,
 )
+
+# PEFT's defaults for Llama-style models: keys, values and the feed-forward output, whose input is scaled.
+DEFAULT_TARGETS = ("k_proj", "v_proj", "down_proj")
+DEFAULT_FEEDFORWARD = ("down_proj",)
 
 
 class IA3Input(InputTransform):
@@ -80,4 +90,30 @@ def build(model: nn.Module, adapter: Adapter) -> dict[str, InputTransform | Outp
 
 def attach(model: nn.Module, adapter: Adapter, *, name: str, weight: float = 1.0) -> SiteHandle:
     """Attach a PEFT IA3 adapter to ``model``."""
-    return attach_deltas(model, build(model, adapter), name=name, method="ia3", weight=weight)
+    return attach_deltas(model, build(model, adapter), adapter=adapter, name=name, method="ia3", weight=weight)
+
+
+def new_adapter(
+    model: nn.Module,
+    *,
+    targets: Sequence[str] = DEFAULT_TARGETS,
+    feedforward: Sequence[str] = DEFAULT_FEEDFORWARD,
+) -> Adapter:
+    """A fresh IA3 for ``model`` as PEFT initializes it: every vector one (a no-op). ``feedforward`` modules (a
+    subset of ``targets``) scale their input, the others their output."""
+    if not set(feedforward) <= set(targets):
+        raise InvalidArtifact(f"IA3 feedforward modules {sorted(set(feedforward) - set(targets))} are not targets")
+    config = base_config(
+        model, "IA3", target_modules=sorted(set(targets)), feedforward_modules=sorted(set(feedforward)),
+        fan_in_fan_out=False, init_ia3_weights=True,
+    )
+    tensors: dict[str, torch.Tensor] = {}
+    for path, module in target_modules(model, targets, method="IA3").items():
+        dims = linear_dims(module)
+        if dims is None:
+            raise Incompatible(f"IA3 target {path} is a {type(module).__name__}, not a linear layer")
+        in_features, out_features = dims
+        config["fan_in_fan_out"] = config["fan_in_fan_out"] or isinstance(module, Conv1D)
+        shape = (1, in_features) if is_feedforward(config, path) else (out_features, 1)
+        tensors[f"{KEY_PREFIX}{path}.ia3_l"] = torch.ones(shape)
+    return Adapter(config=config, tensors=tensors)

@@ -166,23 +166,23 @@ def _is_norm(module: nn.Module) -> bool:
     return is_norm_type and isinstance(weight, torch.Tensor) and weight.dim() == 1
 
 
-def new_adapter(model: nn.Module, *, target_modules: Sequence[str] | None = None) -> Adapter:
+def new_adapter(model: nn.Module, *, targets: Sequence[str] | None = None) -> Adapter:
     """A fresh LN-tuning adapter holding copies of the base's parameters (so it starts as a no-op).
 
-    ``target_modules``: leaf names of the normalization layers to tune (default: every LayerNorm/RMSNorm).
+    ``targets``: leaf names of the normalization layers to tune (default: every LayerNorm/RMSNorm).
     """
     tensors: dict[str, torch.Tensor] = {}
     leaves: set[str] = set()
     for path, module in model.named_modules():
         leaf = path.rsplit(".", 1)[-1]
-        if not _is_norm(module) or (target_modules is not None and leaf not in target_modules):
+        if not _is_norm(module) or (targets is not None and leaf not in targets):
             continue
         leaves.add(leaf)
         for pname in ("weight", "bias"):
             param = module._parameters.get(pname)
             if param is not None:
                 tensors[f"base_model.model.{path}.{PARAM_PREFIX}{pname}"] = param.detach().float().cpu().clone()
-    missing = sorted(set(target_modules or ()) - leaves)
+    missing = sorted(set(targets or ()) - leaves)
     if missing or not tensors:
         raise Incompatible(f"the model has no normalization layer named {', '.join(missing) or '(any)'}")
     config = {"peft_type": "LN_TUNING", "target_modules": sorted(leaves), "task_type": None,

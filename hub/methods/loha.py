@@ -8,12 +8,17 @@ Convolution LoHa (``hada_t1``/``hada_t2``) is refused.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from hub.errors import Incompatible, InvalidArtifact
 from hub.formats import Adapter, pattern_value
+from hub.formats.peft import KEY_PREFIX
+from hub.methods._fresh import base_config, kaiming_uniform
+from hub.methods.lora import DEFAULT_TARGETS
 from hub.runtime.layers import (
     AdditiveDelta,
     BaseView,
@@ -21,9 +26,11 @@ from hub.runtime.layers import (
     attach_deltas,
     expect_linear,
     expect_shape,
+    linear_dims,
     parameter,
     resolve_targets,
     site_device,
+    target_modules,
 )
 
 
@@ -69,4 +76,29 @@ def build(model: nn.Module, adapter: Adapter) -> dict[str, LoHaDelta]:
 
 def attach(model: nn.Module, adapter: Adapter, *, name: str, weight: float = 1.0) -> SiteHandle:
     """Attach a PEFT LoHa adapter to ``model``."""
-    return attach_deltas(model, build(model, adapter), name=name, method="loha", weight=weight)
+    return attach_deltas(model, build(model, adapter), adapter=adapter, name=name, method="loha", weight=weight)
+
+
+def new_adapter(
+    model: nn.Module, *, rank: int = 8, alpha: float = 16.0, targets: Sequence[str] = DEFAULT_TARGETS, seed: int = 0
+) -> Adapter:
+    """A fresh LoHa for ``model`` as PEFT initializes it: w1_a, w1_b, w2_a Kaiming-uniform, w2_b zero (a no-op)."""
+    if rank < 1:
+        raise InvalidArtifact(f"LoHa rank must be at least 1, not {rank}")
+    generator = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for path, module in target_modules(model, targets, method="LoHa").items():
+        dims = linear_dims(module)
+        if dims is None:
+            raise Incompatible(f"LoHa target {path} is a {type(module).__name__}, not a linear layer")
+        in_features, out_features = dims
+        prefix = f"{KEY_PREFIX}{path}"
+        tensors[f"{prefix}.hada_w1_a"] = kaiming_uniform(out_features, rank, generator)
+        tensors[f"{prefix}.hada_w1_b"] = kaiming_uniform(rank, in_features, generator)
+        tensors[f"{prefix}.hada_w2_a"] = kaiming_uniform(out_features, rank, generator)
+        tensors[f"{prefix}.hada_w2_b"] = torch.zeros(rank, in_features)
+    config = base_config(
+        model, "LOHA", r=rank, alpha=alpha, target_modules=sorted(set(targets)), rank_dropout=0.0,
+        module_dropout=0.0, use_effective_conv2d=False, init_weights=True,
+    )
+    return Adapter(config=config, tensors=tensors)

@@ -8,21 +8,28 @@ factors are decomposed), with ``w1`` [a, c] saved whole (``lokr_w1``) or as ``lo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from hub.errors import Incompatible, InvalidArtifact
 from hub.formats import Adapter, pattern_value
+from hub.formats.peft import KEY_PREFIX
+from hub.methods._fresh import base_config, kaiming_uniform
+from hub.methods.lora import DEFAULT_TARGETS
 from hub.runtime.layers import (
     AdditiveDelta,
     BaseView,
     SiteHandle,
     attach_deltas,
     expect_linear,
+    linear_dims,
     parameter,
     resolve_targets,
     site_device,
+    target_modules,
 )
 
 
@@ -90,4 +97,66 @@ def build(model: nn.Module, adapter: Adapter) -> dict[str, LoKrDelta]:
 
 def attach(model: nn.Module, adapter: Adapter, *, name: str, weight: float = 1.0) -> SiteHandle:
     """Attach a PEFT LoKr adapter to ``model``."""
-    return attach_deltas(model, build(model, adapter), name=name, method="lokr", weight=weight)
+    return attach_deltas(model, build(model, adapter), adapter=adapter, name=name, method="lokr", weight=weight)
+
+
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """(m, n) with m·n = dimension as PEFT's lokr ``factorization`` picks them: ``(factor, dimension / factor)``
+    when ``factor`` divides, else the pair nearest √dimension with m <= n (and m <= factor when one is given)."""
+    if factor > 0 and dimension % factor == 0:
+        return factor, dimension // factor
+    if factor == -1:
+        factor = dimension
+    m, n = 1, dimension
+    length = m + n
+    while m < n:
+        new_m = m + 1
+        while dimension % new_m:
+            new_m += 1
+        new_n = dimension // new_m
+        if new_m + new_n > length or new_m > factor:
+            break
+        m, n = new_m, new_n
+    return (m, n) if m <= n else (n, m)
+
+
+def new_adapter(
+    model: nn.Module,
+    *,
+    rank: int = 8,
+    alpha: float = 16.0,
+    targets: Sequence[str] = DEFAULT_TARGETS,
+    decompose_both: bool = False,
+    decompose_factor: int = -1,
+    seed: int = 0,
+) -> Adapter:
+    """A fresh LoKr for ``model`` with PEFT's shapes and initialization: ΔW = w1 ⊗ w2 with w1 [a, c], w2 [b, d]
+    from factorizing out = a·b and in = c·d; a factor is split into a rank-r product when r is below half its
+    larger side (w1 only with ``decompose_both``); w1 (or w1_a) starts at zero, the rest Kaiming-uniform."""
+    if rank < 1:
+        raise InvalidArtifact(f"LoKr rank must be at least 1, not {rank}")
+    generator = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for path, module in target_modules(model, targets, method="LoKr").items():
+        dims = linear_dims(module)
+        if dims is None:
+            raise Incompatible(f"LoKr target {path} is a {type(module).__name__}, not a linear layer")
+        in_features, out_features = dims
+        (a, b), (c, d) = factorization(out_features, decompose_factor), factorization(in_features, decompose_factor)
+        prefix = f"{KEY_PREFIX}{path}"
+        if decompose_both and rank < max(a, c) / 2:
+            tensors[f"{prefix}.lokr_w1_a"] = torch.zeros(a, rank)
+            tensors[f"{prefix}.lokr_w1_b"] = kaiming_uniform(rank, c, generator)
+        else:
+            tensors[f"{prefix}.lokr_w1"] = torch.zeros(a, c)
+        if rank < max(b, d) / 2:
+            tensors[f"{prefix}.lokr_w2_a"] = kaiming_uniform(b, rank, generator)
+            tensors[f"{prefix}.lokr_w2_b"] = kaiming_uniform(rank, d, generator)
+        else:
+            tensors[f"{prefix}.lokr_w2"] = kaiming_uniform(b, d, generator)
+    config = base_config(
+        model, "LOKR", r=rank, alpha=alpha, target_modules=sorted(set(targets)), rank_dropout=0.0,
+        module_dropout=0.0, decompose_both=decompose_both, decompose_factor=decompose_factor,
+        use_effective_conv2d=False, rank_dropout_scale=False, init_weights=True,
+    )
+    return Adapter(config=config, tensors=tensors)

@@ -10,14 +10,18 @@ On a bitsandbytes base W is read with bitsandbytes' own dequantization.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from hub.errors import Incompatible, InvalidArtifact
 from hub.formats import Adapter, pattern_value
+from hub.formats.peft import KEY_PREFIX
+from hub.methods._fresh import base_config, kaiming_uniform
 from hub.runtime.layers import (
     AdditiveDelta,
     BaseView,
@@ -25,13 +29,19 @@ from hub.runtime.layers import (
     SiteHandle,
     Target,
     attach_deltas,
+    base_weight,
     expect_linear,
     expect_shape,
+    linear_dims,
     parameter,
     resolve_targets,
     site_device,
+    target_modules,
     version_key,
 )
+
+# What a fresh adapter adapts unless told otherwise: every attention projection of a Llama-style model.
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 # LoRA config keys selecting variants whose forward is not plain/rs/DoRA LoRA, and inits that rewrite the base
 # weights (the adapter then only works on the residual base it was trained with).
@@ -52,6 +62,8 @@ BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 class LoraDelta(LowRankDelta):
     """Plain LoRA (and rsLoRA: only the scaling differs): s · (B (A x) + b)."""
+
+    file_names = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_bias": "lora_B.bias"}
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor, scale: float, bias: torch.Tensor | None, dropout: float):
         super().__init__()
@@ -76,6 +88,7 @@ class DoraDelta(AdditiveDelta):
     """DoRA at a linear site (see the module docstring)."""
 
     reads_base = True
+    file_names = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor, magnitude: torch.Tensor, scale: float, dropout: float):
         super().__init__()
@@ -216,4 +229,49 @@ def build(model: nn.Module, adapter: Adapter) -> dict[str, AdditiveDelta]:
 
 def attach(model: nn.Module, adapter: Adapter, *, name: str, weight: float = 1.0) -> SiteHandle:
     """Attach a PEFT LoRA adapter to ``model`` (the model's modules are wrapped, never modified)."""
-    return attach_deltas(model, build(model, adapter), name=name, method="lora", weight=weight)
+    return attach_deltas(model, build(model, adapter), adapter=adapter, name=name, method="lora", weight=weight)
+
+
+def new_adapter(
+    model: nn.Module,
+    *,
+    rank: int = 8,
+    alpha: float = 16.0,
+    targets: Sequence[str] = DEFAULT_TARGETS,
+    use_dora: bool = False,
+    use_rslora: bool = False,
+    dropout: float = 0.0,
+    seed: int = 0,
+) -> Adapter:
+    """A fresh LoRA (rsLoRA, DoRA) for ``model``, initialized as PEFT does: A Kaiming-uniform and B zero at linear
+    layers, A zero and B standard normal at embeddings, so it starts as a no-op; DoRA's magnitude is the row norm of
+    the base weight (read through bitsandbytes' own dequantization on a quantized base)."""
+    if rank < 1:
+        raise InvalidArtifact(f"LoRA rank must be at least 1, not {rank}")
+    generator = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    conv1d = False
+    for path, module in target_modules(model, targets, method="LoRA").items():
+        prefix = f"{KEY_PREFIX}{path}"
+        if isinstance(module, nn.Embedding):
+            if use_dora:
+                raise Incompatible(f"DoRA on the embedding {path} is not supported by the hub runtime")
+            tensors[f"{prefix}.lora_embedding_A"] = torch.zeros(rank, module.num_embeddings)
+            tensors[f"{prefix}.lora_embedding_B"] = torch.randn(module.embedding_dim, rank, generator=generator)
+            continue
+        dims = linear_dims(module)
+        if dims is None:
+            raise Incompatible(f"LoRA target {path} is a {type(module).__name__}, not a linear layer or embedding")
+        in_features, out_features = dims
+        conv1d = conv1d or isinstance(module, Conv1D)
+        tensors[f"{prefix}.lora_A.weight"] = kaiming_uniform(rank, in_features, generator)
+        tensors[f"{prefix}.lora_B.weight"] = torch.zeros(out_features, rank)
+        if use_dora:
+            with torch.no_grad():
+                weight = base_weight(module).to(device="cpu", dtype=torch.float32)
+                tensors[f"{prefix}.lora_magnitude_vector"] = torch.linalg.norm(weight, dim=1)
+    config = base_config(
+        model, "LORA", r=rank, lora_alpha=alpha, target_modules=sorted(set(targets)), lora_dropout=dropout,
+        bias="none", use_rslora=use_rslora, use_dora=use_dora, fan_in_fan_out=conv1d, init_lora_weights=True,
+    )
+    return Adapter(config=config, tensors=tensors)

@@ -77,6 +77,8 @@ def project(vectors: torch.Tensor, size: int, eps: float) -> torch.Tensor:
 
 
 class OFTRotation(InputTransform):
+    file_names = {"oft_R": "oft_R.weight"}
+
     def __init__(
         self, weight: torch.Tensor, *, block: int, blocks: int, neumann: bool, terms: int, coft_eps: float | None
     ):
@@ -157,4 +159,4 @@ def build(model: nn.Module, adapter: Adapter) -> dict[str, OFTRotation]:
 
 def attach(model: nn.Module, adapter: Adapter, *, name: str, weight: float = 1.0) -> SiteHandle:
     """Attach a PEFT OFT adapter to ``model``."""
-    return attach_deltas(model, build(model, adapter), name=name, method="oft", weight=weight)
+    return attach_deltas(model, build(model, adapter), adapter=adapter, name=name, method="oft", weight=weight)

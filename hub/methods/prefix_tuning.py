@@ -8,12 +8,24 @@ transformers DynamicCache before the first forward; see ``_virtual_tokens``.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from hub.formats import Adapter
-from hub.methods._virtual_tokens import VirtualTokenHandle, attach_virtual_tokens
+from hub.methods._virtual_tokens import VirtualTokenHandle, attach_virtual_tokens, prompt_config
 
 
 def attach(model: nn.Module, adapter: Adapter, *, name: str, weight: float = 1.0) -> VirtualTokenHandle:
     """Put ``adapter``'s key/value prefixes in front of ``model``'s attention cache; ``weight`` must be 1.0."""
     return attach_virtual_tokens(model, adapter, method="prefix_tuning", name=name, weight=weight)
+
+
+def new_adapter(model: nn.Module, *, num_virtual_tokens: int = 8, seed: int = 0) -> Adapter:
+    """Fresh key/value prefixes as PEFT initializes them without ``prefix_projection``: standard normal (the
+    default init of its nn.Embedding)."""
+    config = prompt_config(model, "prefix_tuning", num_virtual_tokens, prefix_projection=False)
+    config["encoder_hidden_size"] = config["token_dim"]
+    width = config["num_layers"] * 2 * config["token_dim"]
+    generator = torch.Generator().manual_seed(seed)
+    return Adapter(config=config, tensors={"prompt_embeddings": torch.randn(num_virtual_tokens, width,
+                                                                          generator=generator)})

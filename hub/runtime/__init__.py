@@ -11,7 +11,7 @@ from hub.runtime.attach import (
     merge_into_base,
 )
 from hub.runtime.layers import AdaptedEmbedding, AdaptedLinear, GateContext, SiteHandle, gate_context
-from hub.runtime.load import Base, load_base
+from hub.runtime.load import Base, load_base, load_tokenizer
 
 __all__ = [
     "AdaptedEmbedding",
@@ -28,5 +28,6 @@ __all__ = [
     "detach",
     "gate_context",
     "load_base",
+    "load_tokenizer",
     "merge_into_base",
 ]

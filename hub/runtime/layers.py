@@ -52,6 +52,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from hub.errors import Conflict, Incompatible, InvalidArtifact, NotFound
+from hub.formats import Adapter
+from hub.formats.peft import KEY_PREFIX, split_key
 
 # ---------------------------------------------------------------------------------------------------------------
 # bitsandbytes: recognise its layers and read their weights only through its own current-format calls.
@@ -290,6 +292,13 @@ class Delta(nn.Module):
     # True when the delta's effect depends on the base weight (DoRA's norm, IA3/OFT/BOFT acting on the base):
     # merging another adapter into that weight would change it.
     reads_base: ClassVar[bool] = False
+    # PEFT's name under the module for each parameter whose attribute name differs ("lora_A" -> "lora_A.weight");
+    # the others are saved under their attribute name.
+    file_names: ClassVar[dict[str, str]] = {}
+
+    def file_parameters(self) -> dict[str, nn.Parameter]:
+        """This delta's parameters by their name in the adapter file (under the module's path)."""
+        return {self.file_names.get(attr, attr): p for attr, p in self.named_parameters()}
 
 
 class AdditiveDelta(Delta):
@@ -753,14 +762,72 @@ def sites(model: nn.Module) -> list[AdaptedSite]:
     return [m for m in model.modules() if isinstance(m, AdaptedSite)]
 
 
+def own_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Every module of ``model`` by its original path, each site replaced by the module it wraps (so a model
+    with adapters attached lists the same modules as without)."""
+
+    def walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
+        for name, child in module._modules.items():
+            if child is None:
+                continue
+            child = unwrap(child)
+            yield prefix + name, child
+            yield from walk(child, f"{prefix}{name}.")
+
+    return walk(model, "")
+
+
+def target_modules(model: nn.Module, targets: Sequence[str], *, method: str) -> dict[str, nn.Module]:
+    """The modules PEFT's ``target_modules=targets`` selects in ``model``, by path; a target that matches no
+    module is refused, by name (a typo would otherwise train an adapter on fewer layers than asked)."""
+    if isinstance(targets, str) or not targets:
+        raise InvalidArtifact(f"{method} needs a non-empty list of target module names, not {targets!r}")
+    config = {"target_modules": list(targets)}
+    found = {path: module for path, module in own_modules(model) if peft_targets(config, path)}
+    missing = [t for t in targets if not any(path == t or path.endswith(f".{t}") for path in found)]
+    if missing:
+        raise Incompatible(f"{method}: {type(model).__name__} has no module named {', '.join(missing)}")
+    return found
+
+
+@dataclass(frozen=True)
+class FileLayout:
+    """Where an attached adapter's tensors go back in its file: its config, the file key and dtype of every delta
+    parameter, and the method's tensors no delta holds (an AdaLoRA module pruned to rank 0). Copies of base weights
+    that PEFT saves beside an embedding LoRA are not kept: attach checked they are the model's own, and they can be
+    as large as the model's vocabulary."""
+
+    config: dict[str, Any]
+    keys: dict[tuple[str, str], tuple[str, torch.dtype]]  # (module path, file name) -> (file key, dtype)
+    kept: dict[str, torch.Tensor]
+
+    @classmethod
+    def of(cls, adapter: Adapter, deltas: dict[str, Delta]) -> FileLayout:
+        found = {parts: key for key in adapter.tensors if (parts := split_key(adapter.method, key)) is not None}
+        keys: dict[tuple[str, str], tuple[str, torch.dtype]] = {}
+        for path, delta in deltas.items():
+            for file_name, param in delta.file_parameters().items():
+                key = found.get((path, file_name), f"{KEY_PREFIX}{path}.{file_name}")
+                source = adapter.tensors.get(key)
+                keys[(path, file_name)] = (key, source.dtype if source is not None else param.dtype)
+        used = {key for key, _ in keys.values()}
+        kept = {key: adapter.tensors[key] for key in found.values() if key not in used}
+        return cls(config=copy.deepcopy(adapter.config), keys=keys, kept=kept)
+
+
 @dataclass
 class SiteHandle:
-    """An adapter attached as deltas at linear/embedding sites. ``detach()`` restores the original modules."""
+    """An adapter attached as deltas at linear/embedding sites. ``detach()`` restores the original modules.
+
+    ``trainable_parameters()`` and ``to_adapter()`` make it trainable: the deltas hold the adapter's tensors as
+    parameters (in fp32, whatever the base), and the layout it was read with puts them back in the same file.
+    """
 
     model: nn.Module
     name: str
     method: str
     paths: list[str]
+    layout: FileLayout
     attached: bool = True
 
     def _sites(self) -> list[AdaptedSite]:
@@ -778,6 +845,23 @@ class SiteHandle:
     def parameters(self) -> Iterator[nn.Parameter]:
         for delta in self.deltas():
             yield from delta.parameters()
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """This adapter's own tensors, switched to require gradients; the base and other adapters stay frozen."""
+        params = list(self.parameters())
+        for param in params:
+            param.requires_grad_(True)
+        return params
+
+    def to_adapter(self) -> Adapter:
+        """The adapter as it is now (after training: with the trained tensors), in its file's keys, dtypes and
+        config, so ``write_adapter`` gives a folder PEFT loads for every method PEFT knows."""
+        tensors = dict(self.layout.kept)
+        for path, delta in zip(self.paths, self.deltas(), strict=True):
+            for file_name, param in delta.file_parameters().items():
+                key, dtype = self.layout.keys[(path, file_name)]
+                tensors[key] = param.detach().to(device="cpu", dtype=dtype, copy=True)
+        return Adapter(config=copy.deepcopy(self.layout.config), tensors=tensors)
 
     def set_weight(self, weight: float) -> None:
         for site in self._sites():
@@ -826,17 +910,19 @@ def attach_deltas(
     model: nn.Module,
     deltas: dict[str, Delta],
     *,
+    adapter: Adapter,
     name: str,
     method: str,
     weight: float,
 ) -> SiteHandle:
-    """Wrap each path's module in its site (once) and add the deltas. The caller has validated everything;
-    this only checks the name is free, before changing anything."""
+    """Wrap each path's module in its site (once) and add the deltas built from ``adapter``. The caller has
+    validated everything; this only checks the name is free, before changing anything."""
     context = gate_context(model)
     for path in deltas:
         module = find_module(model, path)
         if isinstance(module, AdaptedSite) and name in module.weights:
             raise Conflict(f"an adapter named {name!r} is already attached at {path}")
+    layout = FileLayout.of(adapter, deltas)
     for path, delta in deltas.items():
         module = find_module(model, path)
         if not isinstance(module, AdaptedSite):
@@ -846,7 +932,7 @@ def attach_deltas(
             setattr(parent, attr, site)
             module = site
         module.add(name, delta, weight)
-    return SiteHandle(model=model, name=name, method=method, paths=list(deltas))
+    return SiteHandle(model=model, name=name, method=method, paths=list(deltas), layout=layout)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -82,7 +82,7 @@ def load_base(
     model.requires_grad_(False)
     disable_cpu_repacking(model)
     model.hub_fingerprint = base_fingerprint
-    return Base(model=model, tokenizer=_tokenizer(path), fingerprint=base_fingerprint, path=path, quantize=quantize)
+    return Base(model=model, tokenizer=load_tokenizer(path), fingerprint=base_fingerprint, path=path, quantize=quantize)
 
 
 def _bnb_config(quantize: str, *, dtype: torch.dtype, device: torch.device) -> Any:
@@ -104,7 +104,9 @@ def _bnb_config(quantize: str, *, dtype: torch.dtype, device: torch.device) -> A
     )
 
 
-def _tokenizer(path: Path) -> Any | None:
+def load_tokenizer(path: str | os.PathLike[str]) -> Any | None:
+    """The tokenizer saved in a model folder, or None when it has none (weights-only folders such as tiny test
+    models). Cheap next to loading the model: callers can read and check data with it first."""
     from transformers import AutoTokenizer
 
     try:

@@ -1,0 +1,106 @@
+"""The front door: ``compose`` builds a composition from registry references or adapters, ``activate`` puts any
+registered version (plain adapter, merged adapter, stack or mixture) or composition onto a model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
+
+from hub.compose.members import Input, default_hub, resolve
+from hub.compose.mixture import Mixture
+from hub.compose.router import RouterConfig
+from hub.compose.stack import Stack
+from hub.compose.weighted import WeightedSum
+from hub.errors import Incompatible
+from hub.formats import Adapter
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from hub.client import Hub
+
+KINDS = ("sum", "stack", "mixture")
+Composition = WeightedSum | Stack | Mixture
+
+
+class Active(Protocol):
+    """What ``activate`` returns: something attached to a model that ``detach()`` removes again."""
+
+    name: str
+    method: str
+
+    def detach(self) -> None: ...
+
+
+def compose(
+    inputs: Sequence[Input],
+    weights: Sequence[float] | None = None,
+    *,
+    kind: str = "sum",
+    strategy: str = "exact",
+    rank: int | None = None,
+    density: float | None = None,
+    majority_sign: str = "total",
+    seed: int = 0,
+    router: RouterConfig | None = None,
+    hub: Hub | None = None,
+) -> Composition:
+    """Compose adapters: ``inputs`` are registry references (``"math"``, ``"math@2"``, ``"math@prod"``, read
+    through ``hub``, default ``Hub()``) or in-memory ``Adapter`` objects; ``weights`` one number each (default 1.0).
+
+    * ``kind="sum"``: a ``WeightedSum``, one new adapter Σ wᵢ·adapterᵢ by ``strategy`` ("exact", "svd", "ties",
+      "dare_linear", "dare_ties", "magnitude_prune"; ``rank``, ``density``, ``majority_sign``, ``seed`` as in
+      ``hub.compose.merge.merge``);
+    * ``kind="stack"``: a ``Stack``, the adapters (any methods) active together at their weights;
+    * ``kind="mixture"``: a ``Mixture``, the adapters as experts behind a gate (``router``) to ``fit``.
+
+    Every result can ``attach(model)`` and ``register(hub, name=...)`` (with lineage); ``activate`` puts a
+    registered one back on a model.
+
+    >>> merged = compose(["math@2", "code"], [0.7, 0.3], strategy="svd", rank=16)
+    >>> merged.register(name="math-code")
+    """
+    if kind not in KINDS:
+        raise Incompatible(f"unknown composition kind {kind!r} (known: {', '.join(KINDS)})")
+    if kind != "sum" and (strategy != "exact" or rank is not None or density is not None):
+        raise Incompatible(f"strategy, rank and density apply to weighted sums (kind='sum'), not to a {kind}")
+    if kind != "mixture" and router is not None:
+        raise Incompatible(f"router applies to kind='mixture', not to a {'weighted sum' if kind == 'sum' else kind}")
+    members = resolve(inputs, weights, hub=hub)
+    if kind == "sum":
+        return WeightedSum(members, strategy=strategy, rank=rank, density=density, majority_sign=majority_sign,
+                           seed=seed)
+    if kind == "stack":
+        return Stack(members)
+    return Mixture(members, router or RouterConfig())
+
+
+def activate(model: nn.Module, source: str | Adapter | Composition, *, hub: Hub | None = None,
+             name: str | None = None) -> Active:
+    """Put ``source`` onto ``model`` and return its handle (``detach()`` takes it off again).
+
+    ``source``: a registry reference (checked against the base it was registered on), an artifact read from disk
+    or the store (a PEFT adapter, or a stack/mixture artifact whose members are read from ``hub``'s store), or a
+    composition from ``compose``. ``name`` defaults to the reference, or the method.
+    """
+    if isinstance(source, (WeightedSum, Stack, Mixture)):
+        return source.attach(model) if name is None else source.attach(model, name=name)
+    base = base_name = None
+    if isinstance(source, str):
+        hub = default_hub(hub)
+        version = hub.get(source)
+        artifact = hub.store.get(version.digest, verify=True)
+        base, base_name, name = version.base, version.base_name, name or version.ref
+    elif isinstance(source, Adapter):
+        artifact = source
+    else:
+        raise Incompatible(f"cannot activate a {type(source).__name__}: give a reference, an Adapter or a composition")
+    if artifact.method == "stack":
+        stack = Stack.from_adapter(artifact, hub=default_hub(hub), base=base, base_name=base_name)
+        return stack.attach(model, name=name or "stack")
+    if artifact.method == "mixture":
+        mixture = Mixture.from_adapter(artifact, hub=default_hub(hub), base=base, base_name=base_name)
+        return mixture.attach(model, name=name or "mixture")
+    from hub.runtime import attach
+
+    return attach(model, artifact, name=name, base_fingerprint=base)
