@@ -31,8 +31,7 @@ from hub.formats import Adapter
 from hub.methods import bitfit, bottleneck, ia3, ln_tuning, loha, lokr, lora, prefix_tuning, prompt_tuning
 from hub.runtime import attach
 
-# Per method: its fresh-adapter constructor, and the learning rate it trains well with by default (soft prompts and
-# IA3's scaling vectors need far larger steps than low-rank factors).
+# Per method: its fresh-adapter constructor (Recipe.method "dora" is LoRA with use_dora).
 CONSTRUCTORS: dict[str, Callable[..., Adapter]] = {
     "lora": lora.new_adapter,
     "dora": lora.new_adapter,
@@ -45,8 +44,12 @@ CONSTRUCTORS: dict[str, Callable[..., Adapter]] = {
     "bitfit": bitfit.new_adapter,
     "ln_tuning": ln_tuning.new_adapter,
 }
-DEFAULT_LR = {"lora": 5e-3, "dora": 5e-3, "loha": 5e-3, "lokr": 5e-3, "ia3": 2e-2, "prompt_tuning": 3e-2,
-              "prefix_tuning": 1e-2, "bottleneck": 2e-3, "bitfit": 5e-3, "ln_tuning": 5e-3}
+# Per method: its default peak learning rate (soft prompts and scaling vectors need larger steps than low-rank
+# factors). Measured with the default 12 steps on SmolLM2-135M-nf4, date task, 30 test examples
+# (bench/bench_train_tasks.py): LoRA, DoRA, bottleneck, BitFit and LN tuning reach exact match 1.00; LoKr 0.33,
+# LoHa and IA3 0.03 need more steps; after 60 steps prompt tuning reaches 0.40 and prefix tuning 0.00.
+DEFAULT_LR = {"lora": 5e-3, "dora": 5e-3, "loha": 2e-2, "lokr": 2e-2, "ia3": 2e-2, "prompt_tuning": 0.1,
+              "prefix_tuning": 3e-2, "bottleneck": 2e-3, "bitfit": 5e-3, "ln_tuning": 5e-3}
 # Recipe fields a constructor takes when its signature has them.
 LOW_RANK = ("rank", "alpha")
 

@@ -95,6 +95,9 @@ def task_experts(request: pytest.FixtureRequest, cache_dir: Path, smollm2_dir: P
                     raise
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
+            for stale in folder.glob(f"{name}-*"):  # experts of an older recipe or training code
+                if stale != target:
+                    shutil.rmtree(stale, ignore_errors=True)
         experts[name] = read_adapter(target)
     return experts
 

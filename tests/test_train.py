@@ -31,20 +31,27 @@ warnings.filterwarnings("ignore", message=".*(Merge|Unmerge|right-padding|CUDA e
 # Weights ten times transformers' default init: with the default, a tiny random model's logits are too flat (its
 # final norm caps them) for the smaller adapters to move the loss in a few steps.
 INIT_RANGE = 0.2
-# One recipe per case: every trainable method, the LoRA variants separately (learning rates for this tiny model).
+
+
+def tiny_recipe(method: str, **fields: Any) -> Recipe:
+    return Recipe(method=method, **{"steps": 20, "batch_size": 4, "warmup": 2, **fields})
+
+
+# One recipe per case: every trainable method, the LoRA variants separately (learning rates for this tiny model;
+# soft prompts learn more slowly than anything acting on the layers).
 RECIPES = {
-    "lora": Recipe(method="lora", rank=4),
-    "rslora": Recipe(method="lora", rank=4, options={"use_rslora": True}),
-    "dora": Recipe(method="dora", rank=4),
-    "loha": Recipe(method="loha", rank=4, lr=2e-2),
-    "lokr": Recipe(method="lokr", rank=1, lr=5e-2, options={"decompose_both": True}),  # w1 and w2 factored
-    "lokr_whole": Recipe(method="lokr", rank=4, lr=2e-2),  # rank too high to factor: whole w1, w2
-    "ia3": Recipe(method="ia3", lr=0.2),
-    "prompt_tuning": Recipe(method="prompt_tuning", lr=0.1, options={"num_virtual_tokens": 4}),
-    "prefix_tuning": Recipe(method="prefix_tuning", lr=0.1, options={"num_virtual_tokens": 4}),
-    "bottleneck": Recipe(method="bottleneck", lr=1e-2, options={"bottleneck_size": 8, "placement": "houlsby"}),
-    "bitfit": Recipe(method="bitfit", lr=3e-2),
-    "ln_tuning": Recipe(method="ln_tuning", lr=0.1),
+    "lora": tiny_recipe("lora", rank=4),
+    "rslora": tiny_recipe("lora", rank=4, options={"use_rslora": True}),
+    "dora": tiny_recipe("dora", rank=4),
+    "loha": tiny_recipe("loha", rank=4, lr=2e-2),
+    "lokr": tiny_recipe("lokr", rank=1, lr=5e-2, options={"decompose_both": True}),  # w1 and w2 factored
+    "lokr_whole": tiny_recipe("lokr", rank=4, lr=2e-2),  # rank too high to factor: whole w1, w2
+    "ia3": tiny_recipe("ia3", lr=0.2),
+    "prompt_tuning": tiny_recipe("prompt_tuning", steps=40, lr=0.1, options={"num_virtual_tokens": 8}),
+    "prefix_tuning": tiny_recipe("prefix_tuning", steps=40, lr=0.1, options={"num_virtual_tokens": 4}),
+    "bottleneck": tiny_recipe("bottleneck", lr=1e-2, options={"bottleneck_size": 8, "placement": "houlsby"}),
+    "bitfit": tiny_recipe("bitfit", lr=3e-2),
+    "ln_tuning": tiny_recipe("ln_tuning", lr=0.1),
 }
 PEFT_KNOWS = ["lora", "rslora", "dora", "loha", "lokr", "lokr_whole", "ia3", "prompt_tuning", "prefix_tuning",
               "ln_tuning"]
@@ -79,8 +86,8 @@ def tiny_data(count: int = 16) -> list[Example]:
     return [Example(prompt=f"q{'x' * (i % 5)}{i}:", completion=" yes") for i in range(count)]
 
 
-def fast(recipe: Recipe, **changes: Any) -> Recipe:
-    return Recipe(**{**recipe.to_dict(), "steps": 20, "batch_size": 4, "warmup": 2, **changes})
+def changed(recipe: Recipe, **changes: Any) -> Recipe:
+    return Recipe.from_dict({**recipe.to_dict(), **changes})
 
 
 def logits(model: nn.Module, tokenizer: Any, examples: list[Example]) -> torch.Tensor:
@@ -106,12 +113,12 @@ def test_every_method_learns_and_leaves_the_base_as_it_was(case: str, tokenizer:
     modules = {name: type(m) for name, m in model.named_modules()}
     before = evaluate(model, tokenizer, data, generate=False, progress=False).loss
 
-    result = train(model, tokenizer, data, fast(RECIPES[case]), progress=False)
+    result = train(model, tokenizer, data, RECIPES[case], progress=False)
 
     assert fingerprint(model) == base
     assert {name: type(m) for name, m in model.named_modules()} == modules and not sites(model)
     assert not model.training and all(not p.requires_grad and p.grad is None for p in model.parameters())
-    assert len(result.losses) == 20 and result.recipe == fast(RECIPES[case])
+    assert len(result.losses) == RECIPES[case].steps and result.recipe == RECIPES[case]
     handle = attach(model, result.adapter)
     after = evaluate(model, tokenizer, data, generate=False, progress=False).loss
     handle.detach()
@@ -167,7 +174,7 @@ def test_fresh_adapters_have_peft_layout_and_init(case: str, tmp_path: Path) -> 
 @pytest.mark.parametrize("case", list(RECIPES))
 def test_trained_adapters_round_trip_through_the_files_and_peft(case: str, tokenizer: Any, tmp_path: Path) -> None:
     model, data = tiny_llama(), tiny_data(8)
-    adapter = train(model, tokenizer, data, fast(RECIPES[case], steps=6), progress=False).adapter
+    adapter = train(model, tokenizer, data, changed(RECIPES[case], steps=6), progress=False).adapter
     handle = attach(model, adapter)
     expected = logits(model, tokenizer, data)
     again = handle.to_adapter()
@@ -196,7 +203,7 @@ def tiny_nf4(tmp_path_factory: pytest.TempPathFactory) -> Any:
 def test_training_on_a_4bit_base_after_an_evaluation_pass(case: str, tiny_nf4: Any, tokenizer: Any) -> None:
     model, data = tiny_nf4.model, tiny_data()
     before = evaluate(model, tokenizer, data, progress=False).loss  # generates too: the eval pass of the CPU trap
-    result = train(model, tokenizer, data, fast(RECIPES[case]), progress=False)
+    result = train(model, tokenizer, data, RECIPES[case], progress=False)
     handle = attach(model, result.adapter)
     after = evaluate(model, tokenizer, data, generate=False, progress=False).loss
     handle.detach()
@@ -231,18 +238,18 @@ def test_handles_of_every_lora_family_method_write_back_what_they_read(tmp_path:
 
 
 def test_same_seed_same_digest(tokenizer: Any) -> None:
-    recipe = fast(RECIPES["lora"], steps=8, options={"dropout": 0.1})  # dropout: the run draws random numbers too
+    recipe = changed(RECIPES["lora"], steps=8, options={"dropout": 0.1})  # dropout: the run draws random numbers too
     digests = [adapter_digest(train(tiny_llama(), tokenizer, tiny_data(), recipe, progress=False).adapter)
                for _ in range(2)]
-    other = adapter_digest(train(tiny_llama(), tokenizer, tiny_data(), fast(recipe, seed=1), progress=False).adapter)
+    other = adapter_digest(train(tiny_llama(), tokenizer, tiny_data(), changed(recipe, seed=1), progress=False).adapter)
     assert digests[0] == digests[1] != other
 
 
 def test_gradient_accumulation_is_a_larger_batch(tokenizer: Any) -> None:
-    whole = train(tiny_llama(), tokenizer, tiny_data(), fast(RECIPES["lora"], steps=5, batch_size=8),
+    whole = train(tiny_llama(), tokenizer, tiny_data(), changed(RECIPES["lora"], steps=5, batch_size=8),
                   progress=False)
     accumulated = train(tiny_llama(), tokenizer, tiny_data(),
-                        fast(RECIPES["lora"], steps=5, batch_size=4, grad_accum=2), progress=False)
+                        changed(RECIPES["lora"], steps=5, batch_size=4, grad_accum=2), progress=False)
     assert accumulated.losses == pytest.approx(whole.losses, rel=1e-5)
     for key, tensor in whole.adapter.tensors.items():
         assert torch.allclose(accumulated.adapter.tensors[key], tensor, atol=1e-5), key
