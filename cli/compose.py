@@ -39,7 +39,8 @@ def parse_weights(text: str | None) -> list[float] | None:
 @click.option("--fit-task", "fit_tasks", multiple=True, help="mixture: a built-in task to fit the gate on, repeatable.")
 @click.option("--fit-data", type=click.Path(dir_okay=False), default=None,
               help="mixture: a JSONL file of prompt/completion pairs or chats to fit the gate on.")
-@click.option("--fit-examples", type=int, default=100, show_default=True, help="Examples per --fit-task.")
+@click.option("--fit-examples", type=int, default=300, show_default=True,
+              help="Distinct examples per --fit-task (the gate overfits a few repeated ones).")
 @click.option("--steps", type=int, default=100, show_default=True, help="mixture: gate training steps.")
 @click.option("--lr", type=float, default=1e-2, show_default=True, help="mixture: gate learning rate.")
 @click.option("--base", default=None, help="mixture: base folder or cached name (default: the experts' base).")

@@ -107,8 +107,8 @@ def main() -> None:
         registered = result.register(hub, name=name, metrics=metrics(row), tags=["demo"])
         say(f"   registered {registered.version.ref} with lineage {', '.join(refs)}")
     mixture = compose(refs, kind="mixture", hub=hub)
-    fit_set = [example for _, example in mixed("train", 40)]
-    mixture.fit(base.model, base.tokenizer, fit_set, steps=30, seed=0)
+    fit_set = [example for _, example in mixed("train", 300)]  # distinct examples: a small set repeated is overfit
+    mixture.fit(base.model, base.tokenizer, fit_set, steps=40, seed=0)
     handle = activate(base.model, mixture, hub=hub)
     row = score("gated mixture")
     handle.detach()

@@ -173,7 +173,11 @@ class Mixture:
         is one, else attaches it for the duration.
 
         The gate trains dense (every expert weighted, as X-LoRA's classifier does): a top-1 gate renormalised to 1
-        would have no gradient. ``top_k`` applies when the mixture runs."""
+        would have no gradient. ``top_k`` applies when the mixture runs.
+
+        Give it many distinct examples rather than a few repeated: a per-layer gate fitted on 40 examples per task
+        overfits them (0.87 of the oracle on the built-in tasks), on 300 per task for the same 40 steps it matches
+        the oracle (tests/test_mixture_smollm2.py)."""
         from tqdm.auto import tqdm
 
         from hub.data import collate, context_length, encode
