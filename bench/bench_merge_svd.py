@@ -1,4 +1,4 @@
-"""Merging LoRAs: hub.compose.merge against PEFT's add_weighted_adapter on the same inputs, in one run.
+"""Merging LoRAs: hub.composition.merge against PEFT's add_weighted_adapter on the same inputs, in one run.
 
 1. One module of 4096×4096 and one of 11008×4096, n=4 adapters of rank 16, output rank 16: our factored ``svd``
    (QR of the stacked factors + SVD of a 64×64 core) against PEFT's ``svd`` (dense deltas + full SVD), with
@@ -30,7 +30,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hub.compose.merge import merge  # noqa: E402
+from hub.composition.merge import merge  # noqa: E402
 from hub.errors import NotFound  # noqa: E402
 from hub.formats import read_adapter  # noqa: E402
 from hub.runtime.pretrained import smollm2_path  # noqa: E402

@@ -34,7 +34,7 @@ from peft import PeftModel, XLoraConfig, get_peft_model  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
 from hub import compose  # noqa: E402
-from hub.compose import RouterConfig  # noqa: E402
+from hub.composition import RouterConfig  # noqa: E402
 from hub.formats import read_adapter  # noqa: E402
 from hub.runtime import attach, load_base  # noqa: E402
 from hub.runtime.pretrained import smollm2_path  # noqa: E402

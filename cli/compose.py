@@ -60,8 +60,9 @@ def compose(refs: tuple[str, ...], name: str, weights: str | None, kind: str, st
     hub compose date name record --kind mixture --fit-task date --fit-task name --fit-task record --name router
     """
     # Imported here: the composition engine loads torch, which other commands never need.
-    from hub import compose as compose_
     from hub.client import Hub
+    from hub.composition import RouterConfig
+    from hub.composition import compose as compose_
 
     fitting = bool(fit_tasks or fit_data)
     if kind == "mixture" and not fitting:
@@ -71,9 +72,9 @@ def compose(refs: tuple[str, ...], name: str, weights: str | None, kind: str, st
     hub = Hub()
     router_config = None
     if kind == "mixture":
-        router_config = compose_.RouterConfig(kind=router, temperature=temperature, top_k=top_k, seed=seed)
-    result = compose_.compose(list(refs), parse_weights(weights), kind=kind, strategy=strategy, rank=rank,
-                              density=density, majority_sign=majority_sign, seed=seed, router=router_config, hub=hub)
+        router_config = RouterConfig(kind=router, temperature=temperature, top_k=top_k, seed=seed)
+    result = compose_(list(refs), parse_weights(weights), kind=kind, strategy=strategy, rank=rank,
+                      density=density, majority_sign=majority_sign, seed=seed, router=router_config, hub=hub)
     if kind == "mixture":
         _fit(result, base=base, quantize=quantize, fit_tasks=fit_tasks, fit_data=fit_data, per_task=fit_examples,
              steps=steps, lr=lr, seed=seed)

@@ -33,7 +33,7 @@ def evaluate_command(refs: tuple[str, ...], task: str | None, data: str | None, 
     \b
     hub eval date name sum-exact mixture --task date --with-base
     """
-    from hub.compose import activate
+    from hub.composition import activate
     from hub.evaluate import evaluate
     from hub.runtime import load_base, load_tokenizer
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from hub.client import Hub
-from hub.compose import activate, compose
+from hub.composition import activate, compose
 from hub.evaluate import evaluate
 from hub.registry import Metric
 from hub.remote import Remote

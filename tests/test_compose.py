@@ -1,4 +1,4 @@
-"""The composition front door (hub.compose): weighted sums, stacks and gated mixtures on tiny random Llamas.
+"""The composition front door (hub.composition): weighted sums, stacks and gated mixtures on tiny random Llamas.
 
 Inputs come from a temporary registry (the hub_home fixture) or memory; adapters are made by PEFT with random
 weights. The SmolLM2 acceptance test for mixtures is tests/test_mixture_smollm2.py.
@@ -16,7 +16,7 @@ from runtime_peft import peft_adapter, tiny_llama
 from cli.compose import compose as compose_command
 from hub import compose
 from hub.client import Hub
-from hub.compose import Mixture, RouterConfig, Stack, WeightedSum, activate
+from hub.composition import Mixture, RouterConfig, Stack, WeightedSum, activate
 from hub.data import Example
 from hub.errors import Conflict, Incompatible, InvalidArtifact, NotFound
 from hub.fingerprint import fingerprint
@@ -73,6 +73,15 @@ def randomize_gate(mixture: Mixture, *, scale: float = 1.0, seed: int = 3) -> No
 
 # ---------------------------------------------------------------------------------------------------------------
 # Weighted sums
+
+
+def test_the_front_door_is_the_package_top_level():
+    import hub as package
+    from hub import composition
+
+    assert (package.compose, package.activate, package.Hub) == (composition.compose, composition.activate, Hub)
+    with pytest.raises(AttributeError, match="no attribute 'merge'"):
+        package.merge  # noqa: B018
 
 
 def test_sum_from_refs_registers_with_lineage_and_reproduces(hub, model):

@@ -1,4 +1,4 @@
-"""Weighted-sum merges (hub.compose.merge) checked against PEFT as the oracle on a tiny random Llama.
+"""Weighted-sum merges (hub.composition.merge) checked against PEFT as the oracle on a tiny random Llama.
 
 Input adapters are made by PEFT (random non-zero factors), saved, and read with hub.formats.read_adapter. Each
 adapter's delta per module comes from PEFT's own ``get_delta_weight``, so the scaling rules (rank_pattern,
@@ -30,8 +30,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import merge_utils
 from transformers import LlamaForCausalLM
 
-from hub.compose.lowrank import factor_dense
-from hub.compose.merge import merge
+from hub.composition.lowrank import factor_dense
+from hub.composition.merge import merge
 from hub.errors import Incompatible
 from hub.formats import Adapter, adapter_digest, read_adapter, write_adapter
 

@@ -13,7 +13,7 @@ import torch
 
 from hub import compose, tasks
 from hub.client import Hub
-from hub.compose import RouterConfig, activate
+from hub.composition import RouterConfig, activate
 from hub.evaluate import evaluate
 from hub.runtime import attach
 

@@ -2,7 +2,7 @@
 per decoder layer.
 
 Attached (``Mixture.attach``), the experts are ordinary attached adapters; hooks set their gates through the
-model's ``gate_context`` before each decoder layer runs (see ``hub.compose.router`` for the two router designs).
+model's ``gate_context`` before each decoder layer runs (see ``hub.composition.router`` for the two router designs).
 Gates are tensors, so ``Mixture.fit`` trains the gate by backpropagating the task loss through the frozen base
 (quantized or not) and the frozen experts; nothing else changes. With ``top_k``, an expert that no token of the
 batch selected at a layer is not computed there at all (a decoding step of one sequence runs exactly k experts).
@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from hub.compose.members import Member, check_distinct, common_base, default_hub, load_members, register_composition
-from hub.compose.router import RouterConfig, build_gate, gate, gate_tensors, load_gate
+from hub.composition.members import Member, check_distinct, common_base, default_hub, load_members, register_composition
+from hub.composition.router import RouterConfig, build_gate, gate, gate_tensors, load_gate
 from hub.errors import Conflict, Incompatible, InvalidArtifact
 from hub.formats import Adapter
 from hub.formats.composition import MIXTURE_TYPE

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from hub.compose.members import Member, check_distinct, common_base, default_hub, load_members, register_composition
+from hub.composition.members import Member, check_distinct, common_base, default_hub, load_members, register_composition
 from hub.errors import Incompatible
 from hub.formats import Adapter
 from hub.formats.composition import STACK_TYPE

@@ -6,11 +6,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from hub.compose.members import Input, default_hub, resolve
-from hub.compose.mixture import Mixture
-from hub.compose.router import RouterConfig
-from hub.compose.stack import Stack
-from hub.compose.weighted import WeightedSum
+from hub.composition.members import Input, default_hub, resolve
+from hub.composition.mixture import Mixture
+from hub.composition.router import RouterConfig
+from hub.composition.stack import Stack
+from hub.composition.weighted import WeightedSum
 from hub.errors import Incompatible
 from hub.formats import Adapter
 
@@ -50,7 +50,7 @@ def compose(
 
     * ``kind="sum"``: a ``WeightedSum``, one new adapter Σ wᵢ·adapterᵢ by ``strategy`` ("exact", "svd", "ties",
       "dare_linear", "dare_ties", "magnitude_prune"; ``rank``, ``density``, ``majority_sign``, ``seed`` as in
-      ``hub.compose.merge.merge``);
+      ``hub.composition.merge.merge``);
     * ``kind="stack"``: a ``Stack``, the adapters (any methods) active together at their weights;
     * ``kind="mixture"``: a ``Mixture``, the adapters as experts behind a gate (``router``) to ``fit``.
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from hub.compose.lowrank import factor_dense, truncate_product
+from hub.composition.lowrank import factor_dense, truncate_product
 from hub.errors import Incompatible
 from hub.formats import Adapter, adapter_digest, pattern_value, validate
 from hub.formats.peft import KEY_PREFIX, split_key

@@ -6,8 +6,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from hub.compose.members import Member, common_base, default_hub, load_members, register_composition
-from hub.compose.merge import MergeResult, merge
+from hub.composition.members import Member, common_base, default_hub, load_members, register_composition
+from hub.composition.merge import MergeResult, merge
 from hub.formats import Adapter
 from hub.registry import Metric, Registered
 
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class WeightedSum:
-    """Σ weightᵢ · memberᵢ as one adapter, computed by ``strategy`` (see ``hub.compose.merge``) when created.
+    """Σ weightᵢ · memberᵢ as one adapter, computed by ``strategy`` (see ``hub.composition.merge``) when created.
 
     ``adapter`` is the merged adapter (LoRA for LoRA-family inputs, IA3 or a prompt for those); ``recipe`` how it
     was made (strategy, weights, rank, density, majority sign, seed and the parents' digests).
