@@ -7,10 +7,12 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import create_engine, make_url
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "0")
@@ -111,6 +113,32 @@ def postgres_url() -> str:
             pytest.fail(f"{POSTGRES_URL_ENV} must be set in CI")
         pytest.skip(f"{POSTGRES_URL_ENV} is not set")
     return url
+
+
+@pytest.fixture
+def postgres_database(postgres_url: str):
+    """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
+    admin_url = make_url(postgres_url)
+    name = f"hub_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    yield admin_url.set(database=name).render_as_string(hide_password=False)
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.dispose()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module's tests: with two cores shared by several processes, two OpenMP threads
+    each make every matmul wait on the other."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_llama_config(**overrides):

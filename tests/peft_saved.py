@@ -18,11 +18,13 @@ def save_base(folder: Path, seed: int, **overrides) -> Path:
     return folder
 
 
-def save_peft(base: Path, config, folder: Path, seed: int) -> Path:
-    """A PEFT adapter on ``base`` with every trainable weight moved off its (zero or one) initial value."""
+def save_peft(base: Path | torch.nn.Module, config, folder: Path, seed: int) -> Path:
+    """A PEFT adapter on ``base`` (a model or its folder), saved by PEFT with every trainable weight moved off its
+    initial value (LoRA B, AdaLoRA E and IA3 start as zeros or ones)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = get_peft_model(LlamaForCausalLM.from_pretrained(base), config)
+        model = base if isinstance(base, torch.nn.Module) else LlamaForCausalLM.from_pretrained(base)
+        model = get_peft_model(model, config)
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for param in model.parameters():

@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import uuid
 import warnings
 from pathlib import Path
 
@@ -18,7 +17,6 @@ import torch
 from click.testing import CliRunner, Result
 from peft_saved import assert_identical, peft_loaded_tensors, save_folders
 from safetensors.torch import load_file
-from sqlalchemy import create_engine, make_url
 
 from cli.main import cli
 from hub.client import Hub
@@ -328,20 +326,6 @@ def test_the_installed_command_prints_errors_without_a_traceback(tmp_path: Path)
 
 # ---------------------------------------------------------------------------------------------------------------
 # PostgreSQL and the real SmolLM2
-
-
-@pytest.fixture
-def postgres_database(postgres_url: str):
-    """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
-    admin_url = make_url(postgres_url)
-    name = f"hub_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    yield admin_url.set(database=name).render_as_string(hide_password=False)
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    admin.dispose()
 
 
 def test_the_whole_flow_on_postgresql(postgres_database: str, folders: dict[str, Path], hub_home: Path,

@@ -32,6 +32,7 @@ from peft import (
     get_peft_model,
 )
 from peft.utils import get_peft_model_state_dict
+from peft_saved import save_peft
 from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
@@ -50,18 +51,8 @@ def tiny_base() -> LlamaForCausalLM:
 
 
 def save_with_peft(config: Any, folder: Path, *, seed: int = 1) -> Path:
-    """PEFT wraps a tiny Llama, every trainable parameter moves off its initial value (LoRA B, AdaLoRA E and
-    IA3 start as zeros or ones), PEFT saves it."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = get_peft_model(tiny_base(), config)
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for param in model.parameters():
-                if param.requires_grad:
-                    param.add_(0.1 * torch.randn(param.shape, generator=generator))
-        model.save_pretrained(folder)
-    return folder
+    """PEFT wraps a tiny Llama, every trainable parameter moves off its initial value, PEFT saves it."""
+    return save_peft(tiny_base(), config, folder, seed)
 
 
 def peft_load(folder: Path) -> PeftModel:

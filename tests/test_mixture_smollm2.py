@@ -17,20 +17,11 @@ from hub.composition import RouterConfig, activate
 from hub.evaluate import evaluate
 from hub.runtime import attach
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 TEST_PER_TASK = 10
 TRAIN_PER_TASK = 300  # distinct examples, each seen about once: a small set repeated, the gate overfits it
 FIT_STEPS = 40
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two cores shared by several processes: two OpenMP threads each make every matmul wait on the other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

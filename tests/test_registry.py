@@ -12,7 +12,6 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-import uuid
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,6 @@ import torch
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import create_engine, make_url
 
 from hub.errors import Conflict, DatabaseError, IntegrityError, InvalidArtifact, NotFound, QueryError
 from hub.fingerprint import Fingerprint
@@ -51,20 +49,6 @@ def add(registry: Registry, name: str, content: str, **options):
     options.setdefault("base", BASE)
     options.setdefault("base_name", "models/base")
     return registry.register(name, digest=digest(content), **options)
-
-
-@pytest.fixture
-def postgres_database(postgres_url: str):
-    """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
-    admin_url = make_url(postgres_url)
-    name = f"hub_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    yield admin_url.set(database=name).render_as_string(hide_password=False)
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    admin.dispose()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

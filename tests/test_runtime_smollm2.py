@@ -24,7 +24,7 @@ from runtime_peft import LLAMA_ALL, peft_adapter
 from hub.formats import read_adapter
 from hub.runtime import attach, load_base
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 warnings.filterwarnings("ignore", message=".*(Merge|Unmerge|right-padding).*")
 
 CASES = {
@@ -45,15 +45,6 @@ CASES = {
 # PEFT cannot build LoHa / LoKr layers on a bitsandbytes 4-bit base (tests/test_runtime_methods.py covers the hub
 # there against a dequantized merge instead).
 NF4_CASES = ["lora", "rslora_patterns", "dora", "adalora", "ia3", "oft", "boft"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Several engineers share two cores; two OpenMP threads each make every matmul wait on the other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
