@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from cli.output import print_json
+from cli.train import DEVICE_HELP, STRUCTURAL_HELP, parse_device
 from hub.errors import HubError
 
 KINDS = ("sum", "stack", "mixture")
@@ -43,16 +44,20 @@ def parse_weights(text: str | None) -> list[float] | None:
               help="Distinct examples per --fit-task (the gate overfits a few repeated ones).")
 @click.option("--steps", type=int, default=100, show_default=True, help="mixture: gate training steps.")
 @click.option("--lr", type=float, default=1e-2, show_default=True, help="mixture: gate learning rate.")
-@click.option("--base", default=None, help="mixture: base folder or cached name (default: the experts' base).")
+@click.option("--base", default=None,
+              help="mixture: base folder or Hub model id ORG/NAME[@REVISION] (default: the experts' base).")
 @click.option("--quantize", type=click.Choice(["nf4", "int8", "none"]), default="nf4", show_default=True,
               help="mixture: how the base is loaded to fit the gate.")
+@click.option("--device", default=None, callback=parse_device, help=f"mixture: {DEVICE_HELP}")
+@click.option("--allow-structural", is_flag=True, help=f"mixture: {STRUCTURAL_HELP}")
 @click.option("--tag", "tags", multiple=True, help="Tag, repeatable.")
 @click.option("--description", default=None)
 @click.option("--json", "as_json", is_flag=True, help="Print the new version as JSON.")
 def compose(refs: tuple[str, ...], name: str, weights: str | None, kind: str, strategy: str, rank: int | None,
             density: float | None, majority_sign: str, seed: int, router: str, top_k: int | None, temperature: float,
             fit_tasks: tuple[str, ...], fit_data: str | None, fit_examples: int, steps: int, lr: float,
-            base: str | None, quantize: str, tags: tuple[str, ...], description: str | None, as_json: bool) -> None:
+            base: str | None, quantize: str, device: str | None, allow_structural: bool, tags: tuple[str, ...],
+            description: str | None, as_json: bool) -> None:
     """Compose REFS (NAME, NAME@3 or NAME@ALIAS) and register the result as NAME.
 
     \b
@@ -69,6 +74,8 @@ def compose(refs: tuple[str, ...], name: str, weights: str | None, kind: str, st
         raise click.UsageError("a mixture's gate must be trained: pass --fit-task and/or --fit-data")
     if kind != "mixture" and fitting:
         raise click.UsageError("--fit-task and --fit-data train a mixture's gate: use them with --kind mixture")
+    if kind != "mixture" and (device is not None or allow_structural):
+        raise click.UsageError("--device and --allow-structural apply to fitting a mixture (--kind mixture)")
     hub = Hub()
     router_config = None
     if kind == "mixture":
@@ -76,8 +83,8 @@ def compose(refs: tuple[str, ...], name: str, weights: str | None, kind: str, st
     result = compose_(list(refs), parse_weights(weights), kind=kind, strategy=strategy, rank=rank,
                       density=density, majority_sign=majority_sign, seed=seed, router=router_config, hub=hub)
     if kind == "mixture":
-        _fit(result, base=base, quantize=quantize, fit_tasks=fit_tasks, fit_data=fit_data, per_task=fit_examples,
-             steps=steps, lr=lr, seed=seed)
+        _fit(result, base=base, quantize=quantize, device=device, allow_structural=allow_structural,
+             fit_tasks=fit_tasks, fit_data=fit_data, per_task=fit_examples, steps=steps, lr=lr, seed=seed)
     registered = result.register(hub, name=name, tags=tags, description=description)
     version = registered.version
     if as_json:
@@ -88,8 +95,8 @@ def compose(refs: tuple[str, ...], name: str, weights: str | None, kind: str, st
     click.echo(f"{verb} {version.ref} ({version.method} of {inputs}; digest {version.digest[:12]})")
 
 
-def _fit(mixture, *, base: str | None, quantize: str, fit_tasks: tuple[str, ...], fit_data: str | None,
-         per_task: int, steps: int, lr: float, seed: int) -> None:
+def _fit(mixture, *, base: str | None, quantize: str, device: str | None, allow_structural: bool,
+         fit_tasks: tuple[str, ...], fit_data: str | None, per_task: int, steps: int, lr: float, seed: int) -> None:
     from hub import tasks
     from hub.data import read_jsonl
     from hub.runtime import load_base
@@ -97,10 +104,11 @@ def _fit(mixture, *, base: str | None, quantize: str, fit_tasks: tuple[str, ...]
     base = base or next((m.base_name for m in mixture.experts if m.base_name), None)
     if base is None:
         raise HubError("the experts' registry entries name no base model to fit the gate on: pass --base")
-    loaded = load_base(base, quantize=None if quantize == "none" else quantize)
+    loaded = load_base(base, quantize=None if quantize == "none" else quantize, device=device)
     if loaded.tokenizer is None:
         raise HubError(f"{base} has no tokenizer to encode the gate's training examples")
     examples = [example for task in fit_tasks for example in tasks.examples(task, "train", per_task)]
     if fit_data:
         examples += read_jsonl(fit_data, tokenizer=loaded.tokenizer)
-    mixture.fit(loaded.model, loaded.tokenizer, examples, steps=steps, lr=lr, seed=seed)
+    mixture.fit(loaded.model, loaded.tokenizer, examples, steps=steps, lr=lr, seed=seed,
+                allow_structural=allow_structural)

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from cli.output import print_json, print_table
-from cli.train import EVAL_COUNT, SMOLLM2, load_examples, resolve_base
+from cli.train import DEVICE_HELP, EVAL_COUNT, SMOLLM2, STRUCTURAL_HELP, load_examples, parse_device, resolve_base
 from hub.client import Hub
 from hub.errors import NotFound
 from hub.registry import Metric
@@ -20,14 +20,18 @@ from hub.registry import Metric
               help="A JSONL file of prompt/completion pairs or chats.")
 @click.option("--count", type=click.IntRange(min=1), default=EVAL_COUNT, show_default=True,
               help="Examples of --task's test split.")
-@click.option("--base", "base_name", default=SMOLLM2, show_default=True, help="Base folder or cached model name.")
+@click.option("--base", "base_name", default=SMOLLM2, show_default=True,
+              help="Base folder or Hub model id ORG/NAME[@REVISION].")
 @click.option("--quantize", type=click.Choice(["nf4", "int8", "none"]), default="nf4", show_default=True)
+@click.option("--device", default=None, callback=parse_device, help=DEVICE_HELP)
+@click.option("--allow-structural", is_flag=True, help=STRUCTURAL_HELP)
 @click.option("--with-base", is_flag=True, help="Also score the base without any adapter (not recorded).")
 @click.option("--no-record", is_flag=True, help="Print the metrics without recording them in the registry.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def evaluate_command(refs: tuple[str, ...], task: str | None, data: str | None, count: int, base_name: str,
-                     quantize: str, with_base: bool, no_record: bool, quiet: bool, as_json: bool) -> None:
+                     quantize: str, device: str | None, allow_structural: bool, with_base: bool, no_record: bool,
+                     quiet: bool, as_json: bool) -> None:
     """Evaluate REFS (NAME, NAME@3 or NAME@ALIAS) on --task or --data, each on the same base and examples.
 
     \b
@@ -47,13 +51,15 @@ def evaluate_command(refs: tuple[str, ...], task: str | None, data: str | None, 
         raise NotFound(f"the base at {path} has no tokenizer to evaluate with")
     examples = load_examples(data, task, "test", count, tokenizer)
     dataset = task or Path(data or "").name
-    base = load_base(path, quantize=None if quantize == "none" else quantize)
+    base = load_base(path, quantize=None if quantize == "none" else quantize, device=device)
 
     results: list[tuple[str, dict[str, float]]] = []
     if with_base:
         results.append(("(base)", evaluate(base.model, tokenizer, examples, progress=not quiet).as_metrics()))
     for version in versions:
-        handle = activate(base.model, version.ref, hub=hub)
+        handle = activate(base.model, version.ref, hub=hub, allow_structural=allow_structural)
+        if getattr(handle, "base_check", None) is not None:
+            click.echo(f"{version.ref}: {handle.base_check}", err=True)
         try:
             scores = evaluate(base.model, tokenizer, examples, progress=not quiet).as_metrics()
         finally:

@@ -21,13 +21,34 @@ EVAL_COUNT = 50
 
 
 def resolve_base(name_or_path: str) -> Path:
-    """A base model folder: ``smollm2`` (converted and cached on first use), a folder, or a cached Hub name."""
+    """A base model folder: ``smollm2`` (converted and cached on first use), a folder, or a Hub model id
+    ``ORG/NAME[@REVISION]`` (downloaded into HUB_HOME's cache on first use)."""
     from hub.runtime.load import local_path
     from hub.runtime.pretrained import smollm2_path
 
     if name_or_path == SMOLLM2 and not Path(name_or_path).exists():
         return smollm2_path()
     return local_path(name_or_path)
+
+
+def parse_device(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--device``: a torch device name (``cpu``, ``cuda``, ``cuda:1``) that this machine has; None: the best."""
+    if value is None:
+        return None
+    import torch
+
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise click.BadParameter(f"{value!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter("CUDA is not available on this machine")
+    return value
+
+
+DEVICE_HELP = "Device to run the model on: cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)."
+STRUCTURAL_HELP = ("Accept a base that matches the adapters' base in tensor names and shapes but not in weights "
+                   "(another fine-tune, another dtype without its source folder).")
 
 
 def parse_option(text: str) -> tuple[str, Any]:
@@ -59,9 +80,10 @@ def load_examples(data: str | None, task: str | None, split: str, count: int, to
 @click.option("--examples", "train_count", type=click.IntRange(min=1), default=1000, show_default=True,
               help="How many examples of --task to train on.")
 @click.option("--base", "base_name", default=SMOLLM2, show_default=True,
-              help=f"Base model folder, cached Hub name, or '{SMOLLM2}'.")
+              help=f"Base model folder, Hub model id ORG/NAME[@REVISION], or '{SMOLLM2}'.")
 @click.option("--quantize", type=click.Choice(["nf4", "int8", "none"]), default="nf4", show_default=True,
               help="Load the base with bitsandbytes (QLoRA style) or in full precision.")
+@click.option("--device", default=None, callback=parse_device, help=DEVICE_HELP)
 @click.option("--method", default="lora", show_default=True,
               help="lora, dora, loha, lokr, ia3, prompt_tuning, prefix_tuning, bottleneck, bitfit, ln_tuning.")
 @click.option("--rank", type=int, default=None, help="Rank of the low-rank methods.")
@@ -82,8 +104,8 @@ def load_examples(data: str | None, task: str | None, split: str, count: int, to
 @click.option("--description", default=None)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train(name: str, data: str | None, task: str | None, train_count: int, base_name: str, quantize: str,
-          method: str, rank: int | None, alpha: float | None, targets: str | None, steps: int | None,
-          batch_size: int | None, grad_accum: int | None, lr: float | None, seed: int | None,
+          device: str | None, method: str, rank: int | None, alpha: float | None, targets: str | None,
+          steps: int | None, batch_size: int | None, grad_accum: int | None, lr: float | None, seed: int | None,
           options: tuple[str, ...], eval_task: str | None, eval_data: str | None, eval_count: int,
           tags: tuple[str, ...], description: str | None, quiet: bool) -> None:
     """Train a new version of adapter NAME on --data or --task, and register it with its recipe."""
@@ -111,7 +133,7 @@ def train(name: str, data: str | None, task: str | None, train_count: int, base_
     if eval_task is not None or eval_data is not None:
         test = load_examples(eval_data, eval_task, "test", eval_count, tokenizer)
 
-    base = load_base(path, quantize=None if quantize == "none" else quantize)
+    base = load_base(path, quantize=None if quantize == "none" else quantize, device=device)
     result = run_training(base.model, tokenizer, examples, recipe, progress=not quiet)
     if any(math.isnan(loss) for loss in result.losses):
         raise InvalidArtifact("training diverged (the loss became NaN); try a lower --lr")

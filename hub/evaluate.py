@@ -40,8 +40,17 @@ def evaluate(
     *,
     batch_size: int = 16,
     generate: bool = True,
+    device: str | torch.device | None = None,
     progress: bool = True,
 ) -> EvalResult:
+    """Score ``model`` (any causal LM, with whatever is attached) on ``examples``: exact match (when
+    ``generate``), token accuracy, loss and perplexity over the completion tokens.
+
+    ``device``: move the model there first (None: evaluate where it is; batches go to its input embeddings'
+    device, so ``device_map`` placements work). Raises InvalidArtifact (no examples), Incompatible (a model that
+    cannot move to ``device``).
+    """
+    from hub.runtime import place
     if not examples:
         raise InvalidArtifact("no examples to evaluate on")
     was_training = model.training
@@ -49,7 +58,7 @@ def evaluate(
     limit = context_length(model)
     encoded = [encode(tokenizer, ex, max_length=limit, index=i) for i, ex in enumerate(examples)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
+    device = place(model, device)
     total_loss = correct_tokens = scored_tokens = exact = 0.0
     bar = tqdm(total=len(examples), desc="evaluate", unit="ex", disable=not progress, leave=False)
     try:

@@ -6,17 +6,24 @@ listing its files in another order changes nothing. Each tensor is fed as the ca
 bytes), which lets a loaded model and the folder it was saved to hash alike.
 
 Folders are hashed straight from the memory-mapped safetensors files (their headers parsed here), never loading
-the model; results are cached by each file's (path, size, mtime_ns) in ``<cache_dir>/fingerprints.json``.
+the model; results are cached by each file's (path, size, mtime_ns) in ``<cache_dir>/fingerprints.json``. A cache
+that cannot be read or written (a read-only HUB_HOME) is skipped with a logged note: the fingerprint is still
+computed. A loaded model is hashed from its tensors (``fingerprint_model``); a quantized one has only a structural
+identity of its own (``shape_hash_of`` over its logical shapes), see ``hub.runtime.identify``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import mmap
 import os
+import stat
 import sys
 import tempfile
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,11 +31,14 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from hub.config import load_settings
-from hub.errors import Incompatible, InvalidArtifact, NotFound
+from hub.errors import Incompatible, InvalidArtifact, NotFound, PermissionDenied
 from hub.formats.digest import update_with_tensor
+from hub.snapshots import model_files, probe
 
 if TYPE_CHECKING:  # torch costs seconds to import; `hub list` never needs it
     import torch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -110,20 +120,20 @@ def fingerprint(
     progress: bool = False,
     cache_dir: Path | None = None,
 ) -> Fingerprint:
-    """Fingerprint a safetensors folder or file, a loaded torch model, or a model name in the local HF cache."""
+    """Fingerprint a safetensors folder or file, a loaded (unquantized) torch model, or a Hub model id
+    ``ORG/NAME[@REVISION]`` (downloaded into HUB_HOME's cache like ``from_pretrained`` does, see
+    ``hub.snapshots``).
+
+    Raises NotFound, InvalidArtifact, PermissionDenied, RemoteError (a download failed), Incompatible (a
+    bitsandbytes model: use ``hub.runtime.identify``)."""
     loaded_torch = sys.modules.get("torch")  # a torch model can only exist once torch is imported
     if loaded_torch is not None and isinstance(model_or_path, loaded_torch.nn.Module):
         return fingerprint_model(model_or_path)
     if not isinstance(model_or_path, (str, os.PathLike)):
         raise InvalidArtifact(
-            f"cannot fingerprint a {type(model_or_path).__name__}: pass a path, a model name or a torch model"
+            f"cannot fingerprint a {type(model_or_path).__name__}: pass a path, a model id or a torch model"
         )
-    path = Path(model_or_path).expanduser()
-    if not path.exists() and isinstance(model_or_path, str):
-        snapshot = _hf_cache_snapshot(model_or_path)
-        if snapshot is None:
-            raise NotFound(f"no model at path {model_or_path!r} and none by that name in the local Hugging Face cache")
-        path = snapshot
+    path = model_files(model_or_path, cache_dir=cache_dir)
     return fingerprint_path(path, progress=progress, cache_dir=cache_dir)
 
 
@@ -137,21 +147,24 @@ def fingerprint_path(
     """Fingerprint a folder of safetensors files (one or many shards) or a single ``.safetensors`` file.
 
     The weights are streamed from memory-mapped files. ``use_cache=False`` rehashes and leaves the cache untouched.
+    Raises NotFound (no such path, no safetensors in the folder), InvalidArtifact (not a folder or a safetensors
+    file, malformed headers), PermissionDenied.
     """
     path = Path(path).expanduser()
-    if not path.exists():
+    if not probe(path):
         raise NotFound(f"no model at {path}")
-    files = _weight_files(path)
-    config = (path if path.is_dir() else path.parent) / "config.json"
-    # config.json is part of the key: the architecture comes from it.
-    stats = [_stat(f) for f in (*files, config) if f.is_file()]
-    cache_file = (Path(cache_dir) if cache_dir is not None else load_settings().cache_dir) / CACHE_FILENAME
-    key = str(path.resolve())
-    if use_cache:
-        cached = _cache_get(cache_file, key, stats)
-        if cached is not None:
-            return cached
-    weights_hash, shape_hash, num_parameters = _hash_files(files, progress=progress, label=path.name)
+    with _permission_errors():
+        files = weight_files(path)
+        config = (path if path.is_dir() else path.parent) / "config.json"
+        # config.json is part of the key: the architecture comes from it.
+        stats = [_stat(f) for f in (*files, config) if f.is_file()]
+        cache_file = (Path(cache_dir) if cache_dir is not None else load_settings().cache_dir) / CACHE_FILENAME
+        key = str(path.resolve())
+        if use_cache:
+            cached = _cache_get(cache_file, key, stats)
+            if cached is not None:
+                return cached
+        weights_hash, shape_hash, num_parameters = _hash_files(files, progress=progress, label=path.name)
     result = Fingerprint(weights_hash, shape_hash, _architecture(config), num_parameters)
     if use_cache:
         _cache_put(cache_file, key, stats, result)
@@ -170,23 +183,31 @@ def fingerprint_model(model: torch.nn.Module) -> Fingerprint:
         return carried
     if any(type(module).__module__.startswith("bitsandbytes") for module in model.modules()):
         raise Incompatible(
-            f"{type(model).__name__} is quantized with bitsandbytes: fingerprint the unquantized folder it was"
-            " loaded from instead"
+            f"{type(model).__name__} is quantized with bitsandbytes, so its weights cannot be hashed: use"
+            " hub.runtime.identify(model) (it finds the folder the model was loaded from), or fingerprint that folder"
         )
-    state = _saved_state_dict(model)
-    weights, shapes = hashlib.sha256(), hashlib.sha256()
-    num_parameters = 0
+    state = saved_state_dict(model)
+    weights = hashlib.sha256()
     for name in sorted(state):
         tensor = state[name]
         if tensor.device.type == "meta":
             raise Incompatible(f"tensor {name} of {type(model).__name__} is not materialized (meta device)")
         update_with_tensor(weights, name, tensor)
-        shapes.update(_shape_header(name, list(tensor.shape)))
-        num_parameters += tensor.numel()
-    return Fingerprint(weights.hexdigest(), shapes.hexdigest(), type(model).__name__, num_parameters)
+    shapes = {name: list(tensor.shape) for name, tensor in state.items()}
+    return Fingerprint(weights.hexdigest(), shape_hash_of(shapes.items()), type(model).__name__,
+                       sum(tensor.numel() for tensor in state.values()))
 
 
-def _saved_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def shape_hash_of(shapes: Iterable[tuple[str, Sequence[int]]]) -> str:
+    """The ``shape_hash`` of tensors given as (name, shape) pairs, in any order: what a folder with these tensors
+    would hash to. Lets a quantized model (whose packed weights have other shapes) state its logical shapes."""
+    digest = hashlib.sha256()
+    for name, shape in sorted((name, [int(d) for d in shape]) for name, shape in shapes):
+        digest.update(_shape_header(name, shape))
+    return digest.hexdigest()
+
+
+def saved_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     from transformers import PreTrainedModel
 
     state = model.state_dict()
@@ -212,7 +233,18 @@ def _saved_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return kept
 
 
-def _weight_files(path: Path) -> list[Path]:
+@contextmanager
+def _permission_errors():
+    """An unreadable file or folder is a one-line PermissionDenied, naming it."""
+    try:
+        yield
+    except PermissionError as exc:
+        raise PermissionDenied(f"cannot read {exc.filename or 'the model'}: permission denied") from None
+
+
+def weight_files(path: Path) -> list[Path]:
+    if not path.is_dir() and not stat.S_ISREG(path.stat().st_mode):
+        raise InvalidArtifact(f"{path} is not a model folder or a .safetensors file")
     if path.is_file():
         if path.suffix != ".safetensors":
             raise InvalidArtifact(f"{path} is not a .safetensors file (only safetensors weights are read)")
@@ -341,7 +373,7 @@ def _stat(file: Path) -> list[Any]:
 def _cache_read(cache_file: Path) -> dict[str, Any]:
     try:
         data = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # missing, unreadable or corrupt: a miss, never an error
         return {}
     if not isinstance(data, dict) or data.get("version") != _CACHE_VERSION or not isinstance(data.get("entries"), dict):
         return {}
@@ -361,24 +393,22 @@ def _cache_get(cache_file: Path, key: str, stats: list[list[Any]]) -> Fingerprin
 def _cache_put(cache_file: Path, key: str, stats: list[list[Any]], result: Fingerprint) -> None:
     entries = _cache_read(cache_file)
     entries[key] = {"files": stats, "fingerprint": result.to_dict()}
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside and rename: a reader sees the old cache or the new one, never a torn file. Two writers racing
-    # can lose one entry, which only costs a rehash later.
-    fd, temp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=cache_file.parent)
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        # Write beside and rename: a reader sees the old cache or the new one, never a torn file. Two writers
+        # racing can lose one entry, which only costs a rehash later.
+        fd, temp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=cache_file.parent)
+    except OSError as exc:
+        # A read-only HUB_HOME (or a full disk) costs the cache, not the answer.
+        log.warning("fingerprint not cached (%s: %s)", cache_file.parent, exc.strerror or exc)
+        return
     try:
         with os.fdopen(fd, "w") as handle:
             json.dump({"version": _CACHE_VERSION, "entries": entries}, handle)
         os.replace(temp, cache_file)
+    except OSError as exc:
+        Path(temp).unlink(missing_ok=True)
+        log.warning("fingerprint not cached (%s: %s)", cache_file, exc.strerror or exc)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
-
-
-def _hf_cache_snapshot(name: str) -> Path | None:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, IncompleteSnapshotError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(name, local_files_only=True))
-    except (HFValidationError, LocalEntryNotFoundError, IncompleteSnapshotError):
-        return None

@@ -29,7 +29,7 @@ from hub.data import Encoded, Example, collate, context_length, encode
 from hub.errors import InvalidArtifact
 from hub.formats import Adapter
 from hub.methods import bitfit, bottleneck, ia3, ln_tuning, loha, lokr, lora, prefix_tuning, prompt_tuning
-from hub.runtime import attach
+from hub.runtime import attach, place
 
 # Per method: its fresh-adapter constructor (Recipe.method "dora" is LoRA with use_dora).
 CONSTRUCTORS: dict[str, Callable[..., Adapter]] = {
@@ -157,6 +157,7 @@ def train(
     examples: Sequence[Example],
     recipe: Recipe | None = None,
     *,
+    device: str | torch.device | None = None,
     progress: bool = True,
 ) -> TrainResult:
     """Train a new adapter of ``recipe.method`` on prompt/completion ``examples`` (loss on completions only).
@@ -164,6 +165,10 @@ def train(
     Each optimizer step sees ``batch_size × grad_accum`` examples (shuffled epochs, from ``recipe.seed``) and
     averages the loss over all their completion tokens, so accumulation changes memory, not the result. The model
     is left as it was: the adapter is detached afterwards and the model's train/eval mode restored.
+
+    ``model``: any causal LM (hub-loaded or loaded by the caller with transformers: fp32/bf16/fp16, bitsandbytes
+    nf4/int8, a ``device_map`` placement). ``device``: move the model there first (None: train where it is).
+    Raises InvalidArtifact (empty data), Incompatible (a model that cannot move to ``device``).
     """
     recipe = recipe or Recipe()
     if not examples:
@@ -171,7 +176,7 @@ def train(
     limit = context_length(model)
     encoded = [encode(tokenizer, ex, max_length=limit, index=i) for i, ex in enumerate(examples)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
+    device = place(model, device)
     started = time.perf_counter()
     handle = attach(model, new_adapter(model, recipe, tokenizer=tokenizer))
     was_training = model.training

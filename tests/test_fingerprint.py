@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 from conftest import tiny_llama_config
 from safetensors.torch import load_file, save_file
 
-from hub.errors import Incompatible, InvalidArtifact, NotFound
+from hub.errors import Incompatible, InvalidArtifact, NotFound, PermissionDenied
 from hub.fingerprint import Fingerprint, fingerprint, fingerprint_model, fingerprint_path
 
 
@@ -204,9 +205,10 @@ def test_a_name_resolves_in_the_local_hf_cache(tiny_dir: Path, tmp_path: Path, m
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
     assert fingerprint("acme/tiny-llama", cache_dir=tmp_path) == _fp(tiny_dir, tmp_path)
-    with pytest.raises(NotFound, match="acme/other"):
+    with pytest.raises(NotFound, match="acme/other: HF_HUB_OFFLINE is set"):
         fingerprint("acme/other", cache_dir=tmp_path)
 
 
@@ -221,7 +223,7 @@ def test_bitsandbytes_model_needs_its_carried_fingerprint(tiny_dir: Path, tmp_pa
     quantized = AutoModelForCausalLM.from_pretrained(
         tiny_dir, quantization_config=BitsAndBytesConfig(load_in_4bit=True)
     )
-    with pytest.raises(Incompatible, match="bitsandbytes"):
+    with pytest.raises(Incompatible, match=r"bitsandbytes.*hub.runtime.identify"):
         fingerprint_model(quantized)
 
     unquantized = _fp(tiny_dir, tmp_path)
@@ -237,3 +239,90 @@ def test_progress_bar_counts_bytes(tiny_dir: Path, tmp_path: Path, capsys) -> No
 def test_fingerprint_round_trips_through_a_dict(tiny_dir: Path, tmp_path: Path) -> None:
     result = _fp(tiny_dir, tmp_path)
     assert Fingerprint.from_dict(result.to_dict()) == result
+
+
+# -- issue 16: one-line errors, caches that cannot be written -------------------------------------------------
+
+
+def _cli(args: list[str]):
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    return CliRunner().invoke(cli, args)
+
+
+def _one_error_line(result, message: str) -> None:
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["fingerprint", "/dev/null"], "/dev/null is not a model folder or a .safetensors file"),
+    (["train", "x", "--task", "date", "--base", "/dev/null"], "/dev/null is not a model folder"),
+    (["fingerprint", "no-such-folder"], "no model folder or file at no-such-folder"),
+])
+def test_cli_errors_are_one_line(hub_home: Path, args: list[str], message: str) -> None:
+    _one_error_line(_cli(args), message)
+
+
+def test_cli_folder_without_safetensors_is_one_line(hub_home: Path, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    _one_error_line(_cli(["fingerprint", str(tmp_path / "empty")]), "no .safetensors weights in")
+
+
+def test_permission_denied_is_not_reported_as_missing(hub_home: Path, tiny_dir: Path, monkeypatch) -> None:
+    # Tests run as root, which no file mode stops: deny the way the kernel would, from os.stat.
+    real_stat = os.stat
+
+    def stat(path, *args, **kwargs):
+        if str(path).startswith(str(tiny_dir)):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat)
+    _one_error_line(_cli(["fingerprint", str(tiny_dir)]), f"cannot read {tiny_dir}: permission denied")
+    with pytest.raises(PermissionDenied):
+        fingerprint_path(tiny_dir)
+
+
+def test_unreadable_weights_are_permission_denied(tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    import builtins
+
+    real_open = builtins.open
+
+    def deny(file, *args, **kwargs):
+        if str(file).endswith(".safetensors"):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", deny)
+    with pytest.raises(PermissionDenied, match="model.safetensors: permission denied"):
+        fingerprint_path(tiny_dir, cache_dir=tmp_path)
+
+
+def test_a_read_only_hub_home_still_fingerprints(tmp_path: Path, tiny_dir: Path, monkeypatch, caplog) -> None:
+    # HUB_HOME below a regular file: nothing can be created there, whoever runs the test.
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("HUB_HOME", str(tmp_path / "file" / "home"))
+    expected = fingerprint_path(tiny_dir, cache_dir=tmp_path / "elsewhere")
+    with caplog.at_level(logging.WARNING, logger="hub.fingerprint"):
+        assert fingerprint_path(tiny_dir) == expected
+    assert "fingerprint not cached" in caplog.text
+    result = _cli(["fingerprint", str(tiny_dir)])
+    assert result.exit_code == 0 and expected.weights_hash in result.output
+
+
+def test_an_unwritable_cache_file_is_skipped(tiny_dir: Path, tmp_path: Path, monkeypatch, caplog) -> None:
+    import hub.fingerprint as module
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(module.tempfile, "mkstemp", refuse)
+    with caplog.at_level(logging.WARNING, logger="hub.fingerprint"):
+        result = fingerprint_path(tiny_dir, cache_dir=tmp_path / "cache")
+    assert result == fingerprint_path(tiny_dir, cache_dir=tmp_path / "other", use_cache=False)
+    assert "fingerprint not cached" in caplog.text and "Permission denied" in caplog.text

@@ -76,15 +76,21 @@ def compose(
 
 
 def activate(model: nn.Module, source: str | Adapter | Composition, *, hub: Hub | None = None,
-             name: str | None = None) -> Active:
+             name: str | None = None, allow_structural: bool = False) -> Active:
     """Put ``source`` onto ``model`` and return its handle (``detach()`` takes it off again).
 
-    ``source``: a registry reference (checked against the base it was registered on), an artifact read from disk
-    or the store (a PEFT adapter, or a stack/mixture artifact whose members are read from ``hub``'s store), or a
-    composition from ``compose``. ``name`` defaults to the reference, or the method.
+    ``model``: any causal LM, loaded by ``hub.runtime.load_base`` or by the caller with transformers (fp32, bf16,
+    fp16, bitsandbytes nf4/int8, a ``device_map`` placement, CPU or CUDA). ``source``: a registry reference
+    (checked against the base it was registered on: see ``hub.runtime.identity``; the check made is logged and
+    kept as the handle's ``base_check``), an artifact read from disk or the store (a PEFT adapter, or a
+    stack/mixture artifact whose members are read from ``hub``'s store), or a composition from ``compose``.
+    ``name`` defaults to the reference, or the method. ``allow_structural``: accept a base that matches the
+    adapter's in shapes but not in weights. Raises Incompatible (another base), NotFound.
     """
     if isinstance(source, (WeightedSum, Stack, Mixture)):
-        return source.attach(model) if name is None else source.attach(model, name=name)
+        if name is None:
+            return source.attach(model, allow_structural=allow_structural)
+        return source.attach(model, name=name, allow_structural=allow_structural)
     base = base_name = None
     if isinstance(source, str):
         hub = default_hub(hub)
@@ -97,10 +103,10 @@ def activate(model: nn.Module, source: str | Adapter | Composition, *, hub: Hub 
         raise Incompatible(f"cannot activate a {type(source).__name__}: give a reference, an Adapter or a composition")
     if artifact.method == "stack":
         stack = Stack.from_adapter(artifact, hub=default_hub(hub), base=base, base_name=base_name)
-        return stack.attach(model, name=name or "stack")
+        return stack.attach(model, name=name or "stack", allow_structural=allow_structural)
     if artifact.method == "mixture":
         mixture = Mixture.from_adapter(artifact, hub=default_hub(hub), base=base, base_name=base_name)
-        return mixture.attach(model, name=name or "mixture")
+        return mixture.attach(model, name=name or "mixture", allow_structural=allow_structural)
     from hub.runtime import attach
 
-    return attach(model, artifact, name=name, base_fingerprint=base)
+    return attach(model, artifact, name=name, base_fingerprint=base, allow_structural=allow_structural)

@@ -141,15 +141,18 @@ class Mixture:
         if self.module is None:
             self.module = build_gate(self.router_dict(), len(self.experts), seed=self.router.seed)
 
-    def attach(self, model: nn.Module, *, name: str = "mixture") -> MixtureHandle:
-        """Attach the experts to ``model`` and install the gate; ``detach()`` on the handle undoes both."""
+    def attach(self, model: nn.Module, *, name: str = "mixture", allow_structural: bool = False) -> MixtureHandle:
+        """Attach the experts to ``model`` and install the gate; ``detach()`` on the handle undoes both.
+        ``allow_structural``: accept a base that matches the experts' in shapes only (see ``hub.runtime.attach``).
+        """
         from hub.runtime import attach
 
         if model.__dict__.get(MIXTURE_ATTR) is not None:
             raise Conflict("a mixture is already attached to this model: detach it first")
         self.bind(model)
         experts = attach(model, [m.adapter for m in self.experts], name=[m.label for m in self.experts],
-                         weight=[m.weight for m in self.experts], base_fingerprint=self.base)
+                         weight=[m.weight for m in self.experts], base_fingerprint=self.base,
+                         allow_structural=allow_structural)
         try:
             return MixtureHandle(model, self, name, experts)
         except BaseException:
@@ -166,6 +169,8 @@ class Mixture:
         lr: float = 1e-2,
         batch_size: int = 8,
         seed: int = 0,
+        device: str | torch.device | None = None,
+        allow_structural: bool = False,
         progress: bool = True,
     ) -> FitResult:
         """Train only the gate on prompt/completion ``examples`` (loss on completions), with the base and the
@@ -177,10 +182,14 @@ class Mixture:
 
         Give it many distinct examples rather than a few repeated: a per-layer gate fitted on 40 examples per task
         overfits them (0.87 of the oracle on the built-in tasks), on 300 per task for the same 40 steps it matches
-        the oracle (tests/test_mixture_smollm2.py)."""
+        the oracle (tests/test_mixture_smollm2.py).
+
+        ``model``: any causal LM (see ``hub.train.train``); ``device``: move it there first (None: where it is);
+        ``allow_structural`` as in ``attach``."""
         from tqdm.auto import tqdm
 
         from hub.data import collate, context_length, encode
+        from hub.runtime import place
         from hub.runtime.layers import disable_cpu_repacking
 
         if not examples:
@@ -193,10 +202,10 @@ class Mixture:
         limit = context_length(model)
         encoded = [encode(tokenizer, ex, max_length=limit, index=i) for i, ex in enumerate(examples)]
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        device = next(model.parameters()).device
+        device = place(model, device)
         # bitsandbytes' packed CPU kernel has no autograd: the gate's gradient must pass through the frozen base.
         disable_cpu_repacking(model)
-        handle = current or self.attach(model)
+        handle = current or self.attach(model, allow_structural=allow_structural)
         params = list(self.module.parameters())
         for param in params:
             param.requires_grad_(True)
@@ -288,6 +297,7 @@ class MixtureHandle:
         from hub.runtime.layers import find_module, gate_context
 
         self.model, self.mixture, self.name, self.experts = model, mixture, name, experts
+        self.base_check = experts.base_check  # which base check the experts passed
         self.names = tuple(handle.name for handle in experts.handles)
         self.context = gate_context(model)
         self.last_gates: dict[str, torch.Tensor] = {}

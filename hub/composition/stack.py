@@ -56,12 +56,14 @@ class Stack:
             raise Incompatible(f"a {artifact.method} artifact is not a stack")
         return cls(load_members(artifact.config["members"], hub=default_hub(hub), base=base, base_name=base_name))
 
-    def attach(self, model: nn.Module, *, name: str = "stack") -> StackHandle:
-        """Attach every member to ``model`` (all or none); ``detach()`` on the handle removes them all."""
+    def attach(self, model: nn.Module, *, name: str = "stack", allow_structural: bool = False) -> StackHandle:
+        """Attach every member to ``model`` (all or none); ``detach()`` on the handle removes them all. A base
+        that matches the members' in shapes only needs ``allow_structural``."""
         from hub.runtime import attach
 
         handle = attach(model, [m.adapter for m in self.members], name=[m.label for m in self.members],
-                        weight=[m.weight for m in self.members], base_fingerprint=self.base)
+                        weight=[m.weight for m in self.members], base_fingerprint=self.base,
+                        allow_structural=allow_structural)
         handle.name = name
         return handle
 

@@ -65,11 +65,12 @@ class WeightedSum:
         return cls(members, strategy=data["strategy"], rank=data["rank"], density=data["density"],
                    majority_sign=data["majority_sign"], seed=data["seed"])
 
-    def attach(self, model: nn.Module, *, name: str = "sum") -> AttachedHandle:
-        """Attach the merged adapter to ``model`` (checked against the inputs' base when they name one)."""
+    def attach(self, model: nn.Module, *, name: str = "sum", allow_structural: bool = False) -> AttachedHandle:
+        """Attach the merged adapter to ``model`` (checked against the inputs' base when they name one; a base
+        that matches in shapes only needs ``allow_structural``)."""
         from hub.runtime import attach
 
-        return attach(model, self.adapter, name=name, base_fingerprint=self.base)
+        return attach(model, self.adapter, name=name, base_fingerprint=self.base, allow_structural=allow_structural)
 
     def register(
         self,

@@ -10,24 +10,31 @@ from hub.runtime.attach import (
     detach,
     merge_into_base,
 )
+from hub.runtime.identity import BaseCheck, BaseIdentity, check_base, identify
 from hub.runtime.layers import AdaptedEmbedding, AdaptedLinear, GateContext, SiteHandle, gate_context
-from hub.runtime.load import Base, load_base, load_tokenizer
+from hub.runtime.load import Base, default_device, load_base, load_tokenizer, place
 
 __all__ = [
     "AdaptedEmbedding",
     "AdaptedLinear",
     "AttachedHandle",
     "Base",
+    "BaseCheck",
+    "BaseIdentity",
     "GateContext",
     "SiteHandle",
     "StackHandle",
     "attach",
     "attached",
+    "check_base",
     "check_fingerprint",
+    "default_device",
     "dequantize_merged",
     "detach",
     "gate_context",
+    "identify",
     "load_base",
     "load_tokenizer",
     "merge_into_base",
+    "place",
 ]

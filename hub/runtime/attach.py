@@ -1,7 +1,9 @@
 """Attach adapters to a model, detach them, merge them.
 
-``attach`` checks everything it can before the first module changes (the base fingerprint, then each method's own
-checks: target modules, shapes, ranks); a list of adapters is a stack and attaches whole or not at all. The model
+``attach`` checks everything it can before the first module changes (the base, then each method's own checks:
+target modules, shapes, ranks); a list of adapters is a stack and attaches whole or not at all. The base check
+works on any model the user loaded (``hub.runtime.identity``); which check passed is on the handle
+(``base_check``) and logged. The model
 keeps a registry of what is attached (``attached(model)``) and, for routing, a gate context
 (``hub.runtime.layers.gate_context``).
 
@@ -23,10 +25,19 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from hub.errors import Conflict, Incompatible, InvalidArtifact, NotFound
-from hub.fingerprint import Fingerprint, fingerprint
+from hub.fingerprint import Fingerprint
 from hub.formats import Adapter
 from hub.methods.base import Handle
-from hub.runtime.layers import AdaptedEmbedding, AdaptedLinear, AdaptedSite, base_bias, base_weight, is_quantized, sites
+from hub.runtime.identity import IDENTITY_ATTR, BaseCheck, check_base
+from hub.runtime.layers import (
+    AdaptedEmbedding,
+    AdaptedLinear,
+    AdaptedSite,
+    base_bias,
+    base_weight,
+    disable_cpu_repacking,
+    is_quantized,
+)
 
 REGISTRY_ATTR = "hub_adapters"
 
@@ -46,6 +57,7 @@ class AttachedHandle:
 
     model: nn.Module
     inner: Handle
+    base_check: BaseCheck | None = None  # which base check passed (None: the adapter named no base)
 
     @property
     def name(self) -> str:
@@ -85,6 +97,7 @@ class StackHandle:
     name: str
     handles: list[AttachedHandle]
     method: str = "stack"
+    base_check: BaseCheck | None = None
 
     def detach(self) -> None:
         for handle in reversed(self.handles):
@@ -95,28 +108,10 @@ class StackHandle:
             handle.merge_into_base()
 
 
-def check_fingerprint(model: nn.Module, expected: Fingerprint, *, allow_structural: bool = False) -> None:
-    """Refuse a model whose weights differ from the base an adapter was trained on (unless only structure must
-    match and does)."""
-    have = model.__dict__.get("hub_fingerprint")
-    if not isinstance(have, Fingerprint):
-        if sites(model):
-            raise Incompatible(
-                "cannot fingerprint a model that already has adapters attached and no hub_fingerprint: load it with"
-                " hub.runtime.load_base"
-            )
-        have = fingerprint(model)
-        model.__dict__["hub_fingerprint"] = have
-    if have.weights_hash == expected.weights_hash:
-        return
-    if allow_structural and have.shape_hash == expected.shape_hash:
-        return
-    how = "same shapes, different weights" if have.shape_hash == expected.shape_hash else "different shapes"
-    hint = "; pass allow_structural=True to attach anyway" if how.startswith("same") and not allow_structural else ""
-    raise Incompatible(
-        f"adapter was trained on base {expected.weights_hash[:12]} ({expected.architecture}), this model is"
-        f" {have.weights_hash[:12]} ({have.architecture}): {how}{hint}"
-    )
+def check_fingerprint(model: nn.Module, expected: Fingerprint, *, allow_structural: bool = False) -> BaseCheck:
+    """Refuse a model that is not the base an adapter was trained on (unless only structure must match and does);
+    see ``hub.runtime.identity.check_base``. Raises Incompatible."""
+    return check_base(model, expected, allow_structural=allow_structural)
 
 
 def method_module(method: str) -> Any:
@@ -145,8 +140,11 @@ def attach(
     """Attach one adapter, or several as a stack (each with its own weight), without touching the base weights.
 
     ``name`` defaults to the method name (made unique); for a list, a single name ``n`` gives ``n.0, n.1, ...``.
-    ``base_fingerprint``: the fingerprint of the base the adapter(s) were trained on, checked against the model.
-    On any error the model is left exactly as it was.
+    ``base_fingerprint``: the fingerprint of the base the adapter(s) were trained on, checked against the model
+    (any loaded model: see ``hub.runtime.identity``); a base that matches in shapes only is refused unless
+    ``allow_structural``. On a bitsandbytes model, 4-bit layers are kept on their fp32 dequantize+matmul CPU path
+    (``disable_cpu_repacking``), as ``load_base`` does, so results and gradients match the hub-loaded base.
+    On any error the model is left exactly as it was. Raises Incompatible, InvalidArtifact, Conflict.
     """
     adapters = [adapter_or_list] if isinstance(adapter_or_list, Adapter) else list(adapter_or_list)
     if not adapters:
@@ -159,14 +157,16 @@ def attach(
     if len(weights) != len(adapters):
         raise Incompatible(f"{len(weights)} weights for {len(adapters)} adapters")
     modules = [method_module(adapter.method) for adapter in adapters]
+    check = None
     if base_fingerprint is not None:
-        check_fingerprint(model, base_fingerprint, allow_structural=allow_structural)
+        check = check_fingerprint(model, base_fingerprint, allow_structural=allow_structural)
+    disable_cpu_repacking(model)
     registry = attached(model)
     done: list[AttachedHandle] = []
     try:
         for adapter, module, adapter_name, adapter_weight in zip(adapters, modules, names, weights, strict=True):
             inner = module.attach(model, adapter, name=adapter_name, weight=adapter_weight)
-            handle = AttachedHandle(model, inner)
+            handle = AttachedHandle(model, inner, check)
             registry[adapter_name] = handle
             done.append(handle)
     except BaseException:
@@ -176,7 +176,7 @@ def attach(
         raise
     if isinstance(adapter_or_list, Adapter):
         return done[0]
-    return StackHandle(model, name if isinstance(name, str) else "+".join(names), done)
+    return StackHandle(model, name if isinstance(name, str) else "+".join(names), done, base_check=check)
 
 
 def _names(model: nn.Module, adapters: list[Adapter], name: str | Sequence[str] | None) -> list[str]:
@@ -242,11 +242,11 @@ def dequantize_merged(model: nn.Module, *, dtype: torch.dtype = torch.float32) -
             memo[id(module)] = _merged_module(module, dtype)
         elif is_quantized(module) and id(module) not in memo:
             memo[id(module)] = _plain_linear(module, base_weight(module), base_bias(module), dtype)
-    for key in (REGISTRY_ATTR, "hub_gates", "hub_fingerprint"):
+    for key in (REGISTRY_ATTR, "hub_gates", "hub_fingerprint", IDENTITY_ATTR):
         if key in model.__dict__:
             memo[id(model.__dict__[key])] = None
     merged = copy.deepcopy(model, memo)
-    for key in (REGISTRY_ATTR, "hub_gates", "hub_fingerprint", "hf_quantizer", "quantization_method"):
+    for key in (REGISTRY_ATTR, "hub_gates", "hub_fingerprint", IDENTITY_ATTR, "hf_quantizer", "quantization_method"):
         merged.__dict__.pop(key, None)
     config = getattr(merged, "config", None)
     if config is not None and hasattr(config, "quantization_config"):

@@ -139,13 +139,20 @@ def disable_cpu_repacking(model: nn.Module) -> int:
     """Keep every bitsandbytes Linear4bit on its differentiable dequantize+matmul path on CPU.
 
     With AVX512-BF16, bitsandbytes switches a Linear4bit to a packed kernel the first time it runs in eval mode
-    without grad, and keeps it; that kernel has no autograd, so training after any evaluation would lose the
-    gradient through the frozen base. Returns the number of layers changed.
+    without grad, and keeps it; that kernel has no autograd (training after any evaluation would lose the
+    gradient through the frozen base) and computes in bf16. A layer already packed (a model the user ran before
+    handing it over) is unpacked with bitsandbytes' own inverse. Returns the number of layers changed.
     """
     count = 0
     for module in model.modules():
         if is_bnb_4bit(module):
             module.support_avx512bf16_for_cpu = False
+            weight = module.weight
+            if getattr(weight.quant_state, "packing_format_for_cpu", False):
+                from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+                weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data,
+                                                                                         weight.quant_state)
             count += 1
     return count
 
