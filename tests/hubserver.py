@@ -6,6 +6,12 @@ inline in the NDJSON commit: no LFS, no Xet. Repos live in memory; each commit h
 
     with HubServer(tokens={"hf_test": "alice"}) as server:
         api = HfApi(endpoint=server.url, token="hf_test")
+
+Hostile modes, for tests that the client survives a server that lies or attacks: `set_download_headers` (ETags or
+commit headers with path traversal), `fail_next` with a reason phrase or message that may echo the request's
+Authorization header (`{authorization}`) and any JSON body (a 409 without "url"), `seed` to place files no client
+upload would produce (60 MB cards), and the card makers at the end of this module (many keys, alias bombs, deep
+nesting).
 """
 
 from __future__ import annotations
@@ -52,10 +58,11 @@ def _clean_path(path: str) -> str:
 
 class _HttpError(Exception):
     def __init__(self, status: int, message: str, code: str | None = None, *,
-                 headers: dict[str, str] | None = None, extra: dict[str, Any] | None = None) -> None:
+                 headers: dict[str, str] | None = None, extra: dict[str, Any] | None = None,
+                 reason: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.code = status, message, code
-        self.headers, self.extra = headers or {}, extra or {}
+        self.headers, self.extra, self.reason = headers or {}, extra or {}, reason
 
 
 @dataclass
@@ -64,6 +71,7 @@ class _Response:
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
     cut_after: int | None = None  # send only this many body bytes, then drop the connection
+    reason: str | None = None  # the HTTP reason phrase; None: the standard one
 
 
 def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> _Response:
@@ -127,7 +135,8 @@ class HubServer:
         self._counter = 0
         self._corrupt: set[tuple[str, str, str]] = set()
         self._cuts: dict[tuple[str, str, str], list[int]] = {}  # key -> [after_bytes, times left]
-        self._failures: list[list[Any]] = []  # [status, path_contains, times left]
+        self._failures: list[dict[str, Any]] = []  # fail_next's arguments, "times" counting down
+        self._download_headers: dict[tuple[str, str, str], dict[str, str]] = {}
         self._connections: set[socket.socket] = set()
         self._httpd = _HTTPServer(self)
         self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
@@ -166,16 +175,48 @@ class HubServer:
         with self._lock:
             self._cuts[(repo_type, repo_id, path)] = [after_bytes, times]
 
-    def fail_next(self, status: int, path_contains: str, *, times: int = 1) -> None:
-        """The next `times` requests whose unquoted path contains `path_contains` get `status` and an error body."""
+    def fail_next(self, status: int, path_contains: str, *, times: int = 1, message: str | None = None,
+                  reason: str | None = None, body: dict[str, Any] | None = None, code: str | None = None,
+                  method: str | None = None) -> None:
+        """The next `times` requests (of `method`, if given) whose unquoted path contains `path_contains` get
+        `status` with JSON `{"error": message, **body}`, the HTTP reason phrase `reason` and the X-Error-Code `code`.
+        In `message` and `reason`, `{authorization}` becomes the request's Authorization header (a server that
+        echoes credentials)."""
         with self._lock:
-            self._failures.append([status, path_contains, times])
+            self._failures.append(dict(status=status, path=path_contains, times=times, method=method,
+                                       message=message or f"Injected failure {status}", reason=reason,
+                                       body=body or {}, code=code))
+
+    def set_download_headers(self, repo_id: str, path: str, headers: dict[str, str], *,
+                             repo_type: str = "model") -> None:
+        """Answer HEAD/GET of `path` with these headers replacing the real ones (a lying ETag, X-Repo-Commit...)."""
+        with self._lock:
+            self._download_headers[(repo_type, repo_id, path)] = dict(headers)
 
     def clear_faults(self) -> None:
         with self._lock:
             self._corrupt.clear()
             self._cuts.clear()
             self._failures.clear()
+            self._download_headers.clear()
+
+    def seed(self, repo_id: str, files: dict[str, bytes], *, tags: tuple[str, ...] = (), branch: str = "main",
+             user: str = "seed") -> str:
+        """Commit `files` (added to the branch's current ones) straight into the store, without HTTP or path
+        checks, and point `tags` at the commit; creates the repo if needed. Returns the commit id."""
+        with self._lock:
+            repo = self._repos.get(("model", repo_id))
+            if repo is None:
+                repo = Repo("model", repo_id, False, datetime.now(timezone.utc))
+                repo.branches[branch] = self._new_commit(repo, None, "initial commit", "", user,
+                                                         {".gitattributes": GITATTRIBUTES}).oid
+                self._repos[("model", repo_id)] = repo
+            head = repo.commits[repo.branches[branch]]
+            commit = self._new_commit(repo, head.oid, "seed", "", user, {**head.files, **files})
+            repo.branches[branch] = commit.oid
+            for tag in tags:
+                repo.tags[tag] = commit.oid
+            return commit.oid
 
     def resolve(self, repo_id: str, revision: str = "main", *, repo_type: str = "model") -> str:
         """The commit id a revision points at (KeyError if the repo is unknown)."""
@@ -197,11 +238,14 @@ class HubServer:
             if parts[0] == "api" and len(parts) >= 5 and parts[4] in ("preupload", "commit"):
                 self.received_bytes += len(body)
             for failure in self._failures:
-                if failure[1] in path:
-                    failure[2] -= 1
-                    if failure[2] <= 0:
+                if failure["path"] in path and failure["method"] in (None, method):
+                    failure["times"] -= 1
+                    if failure["times"] <= 0:
                         self._failures.remove(failure)
-                    raise _HttpError(failure[0], f"Injected failure {failure[0]}")
+                    auth = headers.get("Authorization") or ""
+                    reason = failure["reason"].replace("{authorization}", auth) if failure["reason"] else None
+                    raise _HttpError(failure["status"], failure["message"].replace("{authorization}", auth),
+                                     failure["code"], extra=failure["body"], reason=reason)
             user = self._user(headers)
             if parts[0] == "api":
                 return self._api(method, parts[1:], parse_qs(query), user, headers, body)
@@ -428,7 +472,7 @@ class HubServer:
         key = (repo_type, repo_id, path)
         data = stored[:-1] + bytes([stored[-1] ^ 0xFF]) if key in self._corrupt and stored else stored
         out = {"X-Repo-Commit": commit.oid, "ETag": f'"{git_blob_sha1(stored)}"', "Accept-Ranges": "bytes",
-               "Content-Type": "application/octet-stream"}
+               "Content-Type": "application/octet-stream", **self._download_headers.get(key, {})}
         status, wanted = 200, headers.get("Range")
         if wanted:
             match = _RANGE.match(wanted.strip())
@@ -486,9 +530,10 @@ class _Handler(BaseHTTPRequestHandler):
             except _HttpError as exc:
                 extra = {"X-Error-Code": exc.code} if exc.code else {}
                 resp = _json({"error": exc.message, **exc.extra}, exc.status, {**exc.headers, **extra})
+                resp.reason = exc.reason
             except Exception as exc:  # a server bug must reach the test as a 500, not a hang
                 resp = _json({"error": f"{type(exc).__name__}: {exc}"}, 500)
-        self.send_response(resp.status)
+        self.send_response(resp.status, resp.reason)
         for name, value in resp.headers.items():
             self.send_header(name, value)
         self.send_header("Content-Length", str(len(resp.body)))
@@ -516,3 +561,31 @@ class _HTTPServer(ThreadingHTTPServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         if not isinstance(sys.exc_info()[1], OSError):  # clients hanging up (or our own cuts) are expected
             super().handle_error(request, client_address)
+
+
+# ---- hostile model cards (README.md bytes), for `seed` ----
+
+def huge_card(size: int) -> bytes:
+    """A card of `size` bytes: small front matter, then filler text."""
+    head = b"---\nlibrary_name: peft\n---\n\n"
+    return head + b"x" * max(0, size - len(head))
+
+
+def wide_card(keys: int) -> bytes:
+    """A card whose YAML front matter has `keys` top-level keys."""
+    return ("---\n" + "".join(f"k{i}: {i}\n" for i in range(keys)) + "---\n").encode()
+
+
+def alias_bomb_card(levels: int = 12, width: int = 9) -> bytes:
+    """A "billion laughs" card: each level is a list of `width` aliases of the level below (width**levels nodes
+    once expanded, a few hundred bytes on disk)."""
+    lines = ["---", 'l0: &l0 ["lol"]']
+    for level in range(1, levels + 1):
+        lines.append(f"l{level}: &l{level} [{', '.join([f'*l{level - 1}'] * width)}]")
+    lines.append(f"adapter_hub: {{name: bomb, digest: '{'a' * 64}', tags: *l{levels}}}")
+    return ("\n".join(lines) + "\n---\n").encode()
+
+
+def deep_card(depth: int) -> bytes:
+    """A card whose YAML nests `depth` flow lists."""
+    return ("---\nadapter_hub: " + "[" * depth + "]" * depth + "\n---\n").encode()

@@ -16,7 +16,7 @@ from transformers import LlamaForCausalLM
 
 from cli.main import cli
 from hub.client import Hub
-from hub.errors import IntegrityError, InvalidArtifact, NotFound, RemoteError
+from hub.errors import IntegrityError, InvalidArtifact, NotFound, QueryError, RemoteError
 from hub.formats import adapter_digest, read_adapter
 from hub.registry import Metric, Parent
 from hub.remote import Remote
@@ -176,7 +176,9 @@ def test_plain_peft_repo_is_pulled_with_unknown_base(tmp_path, server, base_dir)
     assert pulled.version.ref == "plain-lora@1"
     assert pulled.version.base is None
     assert pulled.version.digest == adapter_digest(read_adapter(folder))
-    assert pulled.version.base_name == read_adapter(folder).spec.base_model
+    # The publisher's local base path means nothing here: only a Hub model id is kept as the base's name.
+    assert read_adapter(folder).spec.base_model and pulled.version.base_name is None
+    assert not pulled.verified
 
 
 def test_remote_errors_are_one_line(tmp_path, server, source):
@@ -185,7 +187,7 @@ def test_remote_errors_are_one_line(tmp_path, server, source):
         remote.push("a@1", "alice/a")
     with pytest.raises(NotFound):
         Remote(source, endpoint=server.url, token=TOKEN).pull("alice/missing")
-    with pytest.raises(InvalidArtifact):
+    with pytest.raises(QueryError):
         Remote(source, endpoint=server.url, token=TOKEN).pull("../etc")
 
 
