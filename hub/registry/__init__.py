@@ -1,11 +1,12 @@
 """The versioned registry: SQLAlchemy models, alembic-managed schema, the Registry service."""
 
-from hub.registry.database import current_revision, head_revision, upgrade
-from hub.registry.records import BaseInfo, LineageEdge, Match, Metric, Parent, Registered, Remote, VersionInfo
+from hub.registry.database import SchemaStatus, current_revision, head_revision, schema_status, upgrade
+from hub.registry.records import BaseInfo, Deleted, LineageEdge, Match, Metric, Parent, Registered, Remote, VersionInfo
 from hub.registry.service import Registry
 
 __all__ = [
     "BaseInfo",
+    "Deleted",
     "LineageEdge",
     "Match",
     "Metric",
@@ -13,8 +14,10 @@ __all__ = [
     "Registered",
     "Registry",
     "Remote",
+    "SchemaStatus",
     "VersionInfo",
     "current_revision",
     "head_revision",
+    "schema_status",
     "upgrade",
 ]

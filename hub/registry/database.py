@@ -9,12 +9,16 @@ command.revision(alembic_config('sqlite:///dev.db'), 'what changed', autogenerat
 
 from __future__ import annotations
 
+import errno
 import functools
+import os
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import quote
 
 from alembic import command
 from alembic.config import Config
@@ -83,14 +87,22 @@ def make_engine(url: str | URL) -> Engine:
 def _sqlite_engine(url: URL) -> Engine:
     database = url.database or ""
     memory = database in ("", ":memory:") or "mode=memory" in database
+    read_only = "mode=ro" in database
     if not memory and not database.startswith("file:"):
         path = Path(database).expanduser()
         if path.is_dir():
             raise DatabaseError(f"{path} is a directory, not a registry database")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise DatabaseError(f"cannot create the folder for {path}: {exc.strerror}") from None
+        if path.parent.exists() and not path.parent.is_dir():
+            raise DatabaseError(f"cannot open the registry {path}: {path.parent} is a file, not a folder")
+        if path.is_file() and not _writable(path):
+            # A shared registry this user may only read: open it read-only, so reading writes nothing (no
+            # journal-mode change, no -wal/-shm files where they cannot be made).
+            url, read_only = _read_only_url(path), True
+        elif not path.parent.exists():
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise DatabaseError(f"cannot create the folder for {path}: {_os_reason(exc)}") from None
     # One shared connection for an in-memory database, or every connection would see its own empty one.
     engine = create_engine(url, poolclass=StaticPool) if memory else create_engine(url)
 
@@ -101,7 +113,8 @@ def _sqlite_engine(url: URL) -> Engine:
         cursor = dbapi_connection.cursor()
         cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA foreign_keys = ON")
-        cursor.execute("PRAGMA journal_mode = WAL")
+        if not read_only:
+            cursor.execute("PRAGMA journal_mode = WAL")  # a write to the file's header
         cursor.close()
 
     @event.listens_for(engine, "begin")
@@ -112,6 +125,23 @@ def _sqlite_engine(url: URL) -> Engine:
         connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
+
+
+def _writable(path: Path) -> bool:
+    """Whether this process may write ``path`` and create files beside it (SQLite's -wal and -shm)."""
+    return os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)
+
+
+def _read_only_url(path: Path) -> URL:
+    # Without write access to the folder, SQLite cannot create the -shm file a WAL database needs to be read;
+    # when none exists (no writer has the database open) the file is opened immutable: read as it is.
+    immutable = not os.access(path.parent, os.W_OK) and not path.with_name(path.name + "-wal").exists()
+    query = f"mode=ro{'&immutable=1' if immutable else ''}&uri=true"
+    return make_url(f"sqlite:///file:{quote(str(path.resolve()))}?{query}")
+
+
+def _os_reason(exc: OSError) -> str:
+    return "permission denied" if exc.errno in (errno.EACCES, errno.EPERM) else exc.strerror or str(exc)
 
 
 UNIQUE_RETRIES = 5
@@ -217,10 +247,12 @@ def check_schema(engine: Engine) -> None:
     revision, fresh = with_retries(engine, _state, write=False)
     if revision == head:
         return
+    where = safe_url(engine.url)
+    if fresh and "mode=ro" in str(engine.url):
+        raise DatabaseError(f"registry database {where} is empty and read-only: there is nothing to read yet")
     if fresh:
         with_retries(engine, _upgrade, write=True)
         return
-    where = safe_url(engine.url)
     if revision is None:
         raise DatabaseError(f"registry database {where} {NO_REVISION}")
     if _is_known(revision):
@@ -244,6 +276,41 @@ def upgrade(url: str | URL) -> str:
         return head_revision()
     finally:
         engine.dispose()
+
+
+@dataclass(frozen=True)
+class SchemaStatus:
+    """Where a database's schema stands (``hub db current``): ``state`` is ``current``, ``behind`` (run
+    ``hub db upgrade``), ``newer`` (written by a newer adapter-hub: upgrade the package), ``empty`` (made on first
+    use) or ``foreign`` (tables without a revision); ``advice`` says so in one line."""
+
+    revision: str | None
+    head: str
+    state: str
+    advice: str
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {"revision": self.revision, "head": self.head, "state": self.state, "advice": self.advice}
+
+
+def schema_status(url: str | URL) -> SchemaStatus:
+    """The schema state of the database at ``url``, read without changing it."""
+    engine = make_engine(url)
+    try:
+        revision, fresh = with_retries(engine, _state, write=False)
+    finally:
+        engine.dispose()
+    head = head_revision()
+    if revision == head:
+        return SchemaStatus(revision, head, "current", "up to date")
+    if fresh:
+        return SchemaStatus(None, head, "empty", "empty; the hub creates the schema on first use")
+    if revision is None:
+        return SchemaStatus(None, head, "foreign", NO_REVISION)
+    if _is_known(revision):
+        return SchemaStatus(revision, head, "behind", f"head is {head}; run `hub db upgrade`")
+    return SchemaStatus(revision, head, "newer", f"this registry was written by a newer adapter-hub (revision "
+                                                 f"{revision}, this one knows up to {head}); upgrade adapter-hub")
 
 
 def current_revision(url: str | URL) -> str | None:

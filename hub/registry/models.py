@@ -107,6 +107,9 @@ class AdapterRow(Model):
     name: Mapped[str] = mapped_column(String(200), unique=True)
     description: Mapped[str | None] = mapped_column(Text)
     created: Mapped[datetime] = mapped_column(default=utcnow)
+    # The highest version number ever given, deleted versions included, so numbers are never reused.
+    # Added by revision 0003.
+    last_number: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class VersionRow(Model):

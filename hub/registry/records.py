@@ -138,6 +138,23 @@ class Remote:
 
 
 @dataclass(frozen=True)
+class Deleted:
+    """What ``Registry.delete`` removed: the version as it was, the Hub copies that remain (``remotes``), the
+    versions whose lineage lost it as a parent (``detached``, only when forced), and whether another version
+    still uses its artifact (else garbage collection may remove the artifact)."""
+
+    version: VersionInfo
+    remotes: list[Remote]
+    detached: list[str]
+    artifact_referenced: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ref": self.version.ref, "digest": self.version.digest, "size_bytes": self.version.size_bytes,
+                "remotes": [r.to_dict() for r in self.remotes], "detached": list(self.detached),
+                "artifact_referenced": self.artifact_referenced}
+
+
+@dataclass(frozen=True)
 class LineageEdge:
     """``child`` was composed from ``parent``; ``depth`` 1 for the version asked about, 2 for its grandparents..."""
 

@@ -25,6 +25,7 @@ from sqlalchemy import (
     and_,
     bindparam,
     case,
+    delete,
     func,
     literal,
     literal_column,
@@ -38,6 +39,7 @@ from sqlalchemy.orm import aliased
 from hub.config import load_settings
 from hub.errors import Conflict, IntegrityError, InvalidArtifact, NotFound, QueryError
 from hub.fingerprint import Fingerprint
+from hub.formats.composition import member_key
 from hub.registry.database import check_schema, make_engine, with_retries
 from hub.registry.models import (
     READY,
@@ -55,6 +57,7 @@ from hub.registry.models import (
 )
 from hub.registry.records import (
     BaseInfo,
+    Deleted,
     LineageEdge,
     Match,
     Metric,
@@ -64,14 +67,33 @@ from hub.registry.records import (
     VersionInfo,
 )
 from hub.registry.refs import (
+    ALIAS_MAX,
+    ARCHITECTURE_MAX,
+    BASE_NAME_MAX,
+    COMMIT_MAX,
+    HASH_MAX,
+    INT32_MAX,
+    INT64_MAX,
+    METHOD_MAX,
+    REMOTE_TAG_MAX,
+    REPO_ID_MAX,
+    REVISION_MAX,
+    STRATEGY_MAX,
+    TAG_MAX,
     Condition,
     check_alias,
+    check_dataset,
+    check_description,
+    check_int,
     check_metric_key,
     check_name,
+    check_split,
+    check_text,
     check_value,
     parse_condition,
     parse_ref,
     parse_sort,
+    shown,
 )
 
 if TYPE_CHECKING:
@@ -79,8 +101,8 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-DIGEST = re.compile(r"^[0-9a-f]{64}$")
-TAG = re.compile(r"^[^\s,]{1,100}$")
+DIGEST = re.compile(r"[0-9a-f]{64}")
+COMPOSITIONS = ("stack", "mixture")
 
 V, A, B = VersionRow, AdapterRow, BaseRow
 
@@ -157,10 +179,11 @@ class Registry:
         ``recipe`` records how the version was made (plain JSON, e.g. a training recipe).
         """
         check_name(name)
-        if number is not None and (not isinstance(number, int) or number < 1):
-            raise QueryError(f"version number must be a whole number >= 1, not {number!r}")
-        if not isinstance(digest, str) or not DIGEST.match(digest):
-            raise InvalidArtifact(f"digest {digest!r} is not a lowercase sha256 hex string")
+        if number is not None:
+            check_int(number, "version number", minimum=1)
+        if not isinstance(digest, str) or not DIGEST.fullmatch(digest):
+            raise InvalidArtifact(f"digest {shown(digest)} is not a lowercase sha256 hex string")
+        _check_spec(spec, size_bytes)
         try:
             json.dumps(config, allow_nan=False)
         except (TypeError, ValueError) as exc:
@@ -169,10 +192,18 @@ class Registry:
             json.dumps(recipe, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise QueryError(f"recipe of {name!r} is not plain JSON: {exc}") from None
+        if description is not None:
+            check_description(description)
+        if base is not None:
+            _check_fingerprint(base)
+        if base_name is not None:
+            check_text(base_name, "base name", BASE_NAME_MAX)
         metric_list = _check_metrics(metrics)
         tag_list = _check_tags(tags)
         parents = [_check_parent(parent) for parent in lineage]
         revision = config.get("revision") if isinstance(config.get("revision"), str) else None
+        if revision:
+            check_text(revision, "base revision", REVISION_MAX, spaces=False)
 
         def work(conn: Connection) -> Registered:
             adapter_id = self._lock_adapter(conn, name, description)
@@ -182,7 +213,12 @@ class Registry:
                 _add_tags(conn, existing, tag_list)
                 return Registered(self._load(conn, [existing])[0], created=False)
             if number is None:
-                chosen = (conn.scalar(select(func.max(V.number)).where(V.adapter_id == adapter_id)) or 0) + 1
+                # After the highest number ever given, deleted versions included: a number never comes back
+                # with other content (a pushed repository keeps its tag v<N> for good).
+                highest = conn.scalar(select(func.max(V.number)).where(V.adapter_id == adapter_id)) or 0
+                chosen = max(highest, conn.scalar(select(A.last_number).where(A.id == adapter_id)) or 0) + 1
+                if chosen > INT32_MAX:
+                    raise QueryError(f"{name} has used every version number up to {INT32_MAX}")
             else:
                 taken = conn.scalar(select(V.digest).where(V.adapter_id == adapter_id, V.number == number))
                 if taken is not None:
@@ -195,6 +231,7 @@ class Registry:
                      alpha=spec.alpha, targets=list(spec.targets), config=config, recipe=recipe, base_id=base_id,
                      base_name=base_name, size_bytes=int(size_bytes), created=utcnow(), status=READY),
             ).scalar_one()
+            conn.execute(update(A).where(A.id == adapter_id, A.last_number < chosen).values(last_number=chosen))
             _upsert_metrics(conn, version_id, metric_list)
             _add_tags(conn, version_id, tag_list)
             for position, parent in enumerate(parents):
@@ -224,7 +261,7 @@ class Registry:
         check_alias(alias)
 
         def work(conn: Connection) -> VersionInfo:
-            version_id = _resolve(conn, ref)
+            version_id = _resolve_for_update(conn, ref)
             adapter_id = conn.scalar(select(V.adapter_id).where(V.id == version_id))
             _upsert(conn, AliasRow, [dict(adapter_id=adapter_id, alias=alias, version_id=version_id)],
                     ["adapter_id", "alias"], ["version_id"])
@@ -233,7 +270,9 @@ class Registry:
         return self._write(work)
 
     def remove_alias(self, name: str, alias: str) -> None:
+        """Remove ``name@alias`` (``hub unalias``); the version it pointed at stays. Raises NotFound."""
         check_name(name)
+        check_text(alias, "alias", ALIAS_MAX, spaces=False)  # old registries may hold aliases check_alias refuses
 
         def work(conn: Connection) -> None:
             deleted = conn.execute(AliasRow.__table__.delete().where(
@@ -245,11 +284,57 @@ class Registry:
 
     def yank(self, ref: str) -> VersionInfo:
         """Hide a version from lists, ``compatible`` and ``@latest``; it stays reachable by number and alias."""
+        return self._set_status(ref, YANKED)
 
+    def unyank(self, ref: str) -> VersionInfo:
+        """Undo ``yank``: the version is listed again and may be ``@latest`` (a no-op when it is not yanked)."""
+        return self._set_status(ref, READY)
+
+    def _set_status(self, ref: str, status: str) -> VersionInfo:
         def work(conn: Connection) -> VersionInfo:
-            version_id = _resolve(conn, ref)
-            conn.execute(update(V).where(V.id == version_id).values(status=YANKED))
+            version_id = _resolve_for_update(conn, ref)
+            conn.execute(update(V).where(V.id == version_id).values(status=status))
             return self._load(conn, [version_id])[0]
+
+        return self._write(work)
+
+    def delete(self, ref: str, *, force: bool = False) -> Deleted:
+        """Delete one version (``name@N`` or ``name@alias``: never a bare name, which would mean whichever is
+        latest) with its metrics, aliases, tags and records of remotes. Its artifact stays in the store until
+        garbage collection finds no version refers to it; copies pushed to a Hub repository stay there.
+
+        Refused (Conflict) while another version's lineage names it as a parent, unless ``force``: then those
+        lineage edges are removed and reported in ``Deleted.detached``. Its number is not given out again.
+        Raises NotFound, QueryError (a bare name), Conflict.
+        """
+        parsed = parse_ref(ref)
+        if parsed.number is None and parsed.alias is None:
+            raise QueryError(f"say which version of {parsed.name} to delete: {parsed.name}@N or {parsed.name}@ALIAS")
+
+        def work(conn: Connection) -> Deleted:
+            version_id = _resolve_for_update(conn, ref)
+            adapter_id = conn.scalar(select(V.adapter_id).where(V.id == version_id))
+            version = self._load(conn, [version_id])[0]
+            child_v, child_a = aliased(V), aliased(A)
+            children = [f"{row.name}@{row.number}" for row in conn.execute(
+                select(child_a.name, child_v.number).select_from(LineageRow)
+                .join(child_v, child_v.id == LineageRow.version_id).join(child_a, child_a.id == child_v.adapter_id)
+                .where(LineageRow.parent_id == version_id).distinct().order_by(child_a.name, child_v.number))]
+            if children and not force:
+                raise Conflict(f"{version.ref} is a lineage parent of {', '.join(children)}; delete those first, "
+                               "or force it (their lineage then loses this parent)")
+            remotes = [Remote(r.repo_id, r.tag, r.commit, r.pushed_at) for r in conn.execute(
+                select(RemoteRow.repo_id, RemoteRow.tag, RemoteRow.commit, RemoteRow.pushed_at)
+                .where(RemoteRow.version_id == version_id).order_by(RemoteRow.pushed_at, RemoteRow.repo_id))]
+            # Explicit deletes rather than ON DELETE CASCADE alone: the same on a connection without foreign keys.
+            conn.execute(delete(LineageRow).where(LineageRow.parent_id == version_id))
+            for model in (MetricRow, AliasRow, TagRow, RemoteRow, LineageRow):
+                conn.execute(delete(model).where(model.version_id == version_id))
+            conn.execute(update(A).where(A.id == adapter_id, A.last_number < version.number)
+                         .values(last_number=version.number))
+            conn.execute(delete(V).where(V.id == version_id))
+            still_used = _digest_referenced(conn, version.digest)
+            return Deleted(version=version, remotes=remotes, detached=children, artifact_referenced=still_used)
 
         return self._write(work)
 
@@ -258,7 +343,7 @@ class Registry:
         metric_list = _check_metrics(metrics)
 
         def work(conn: Connection) -> VersionInfo:
-            version_id = _resolve(conn, ref)
+            version_id = _resolve_for_update(conn, ref)
             _upsert_metrics(conn, version_id, metric_list)
             return self._load(conn, [version_id])[0]
 
@@ -266,13 +351,13 @@ class Registry:
 
     def record_remote(self, ref: str, *, repo_id: str, tag: str, commit: str) -> Remote:
         """Remember that the version ``ref`` was pushed to ``repo_id`` as ``tag`` at ``commit``."""
-        for what, value in (("repo_id", repo_id), ("tag", tag), ("commit", commit)):
-            if not isinstance(value, str) or not value.strip():
-                raise QueryError(f"record_remote needs a non-empty {what}, not {value!r}")
+        check_text(repo_id, "remote repo id", REPO_ID_MAX, spaces=False)
+        check_text(tag, "remote tag", REMOTE_TAG_MAX, spaces=False)
+        check_text(commit, "remote commit", COMMIT_MAX, spaces=False)
         now = utcnow()
 
         def work(conn: Connection) -> Remote:
-            version_id = _resolve(conn, ref)
+            version_id = _resolve_for_update(conn, ref)
             _upsert(conn, RemoteRow, [dict(version_id=version_id, repo_id=repo_id, tag=tag, commit=commit,
                                            pushed_at=now)], ["version_id", "repo_id", "tag"], ["commit", "pushed_at"])
             return Remote(repo_id=repo_id, tag=tag, commit=commit, pushed_at=now)
@@ -309,7 +394,7 @@ class Registry:
         """
         stmt = select(*VERSION_COLUMNS)
         if weights_hash is not None:
-            stmt = stmt.where(B.weights_hash == weights_hash)
+            stmt = stmt.where(B.weights_hash == check_text(weights_hash, "weights hash", HASH_MAX, spaces=False))
         stmt = _filter(stmt, name=name, method=method, min_rank=min_rank, max_rank=max_rank, where=where,
                        tags=tags, include_yanked=include_yanked)
         stmt = stmt.order_by(*_order(sort), A.name, V.number)
@@ -356,6 +441,22 @@ class Registry:
         """Every version, under any name and yanked or not, whose artifact is ``digest``."""
         stmt = _joined(select(*VERSION_COLUMNS)).where(V.digest == digest).order_by(A.name, V.number)
         return self._read(lambda conn: self._load_rows(conn, conn.execute(stmt).all()))
+
+    def referenced_digests(self) -> set[str]:
+        """Every digest the registry needs in the store: each version's artifact, and the members that stack and
+        mixture artifacts name (which need not be registered versions themselves)."""
+
+        def work(conn: Connection) -> set[str]:
+            found = set(conn.scalars(select(V.digest).distinct()))
+            for method, config in conn.execute(select(V.method, V.config).where(V.method.in_(COMPOSITIONS))):
+                found.update(member_digests(method, config))
+            return found
+
+        return self._read(work)
+
+    def is_referenced(self, digest: str) -> bool:
+        """Whether any version is ``digest`` or names it as a composition member (see ``referenced_digests``)."""
+        return self._read(lambda conn: _digest_referenced(conn, digest))
 
     def remotes(self, ref: str) -> list[Remote]:
         def work(conn: Connection) -> list[Remote]:
@@ -491,11 +592,11 @@ def _filter(stmt: Select[Any], *, name: str | None, method: str | None, min_rank
     if name is not None:
         stmt = stmt.where(A.name == check_name(name))
     if method is not None:
-        stmt = stmt.where(V.method == method.lower())
+        stmt = stmt.where(V.method == check_text(method, "method", METHOD_MAX, spaces=False).lower())
     if min_rank is not None:
-        stmt = stmt.where(V.rank >= min_rank)
+        stmt = stmt.where(V.rank >= check_int(min_rank, "minimum rank"))
     if max_rank is not None:
-        stmt = stmt.where(V.rank <= max_rank)
+        stmt = stmt.where(V.rank <= check_int(max_rank, "maximum rank"))
     # Uncorrelated IN (subquery): computed once from the (key, value) index and probed per version. A correlated
     # EXISTS made SQLite walk that index range once per version, quadratic in the registry's size.
     for cond in conditions:
@@ -505,7 +606,7 @@ def _filter(stmt: Select[Any], *, name: str | None, method: str | None, min_rank
         if cond.split is not None:
             clauses.append(MetricRow.split == cond.split)
         stmt = stmt.where(V.id.in_(select(MetricRow.version_id).where(*clauses)))
-    for tag in _strings(tags):
+    for tag in _check_tags(_strings(tags)):
         stmt = stmt.where(V.id.in_(select(TagRow.version_id).where(TagRow.tag == tag)))
     if not include_yanked:
         stmt = stmt.where(V.status == READY)
@@ -561,6 +662,16 @@ def _resolve(conn: Connection, ref: str) -> int:
     raise NotFound(f"{parsed.name} has no version that is not yanked (ask for one by number: {parsed.name}@N)")
 
 
+def _resolve_for_update(conn: Connection, ref: str) -> int:
+    """``_resolve`` for a write: the adapter's row is locked first (as registrations lock it), then ``ref`` is
+    resolved again, so a version another transaction deleted or moved meanwhile is not written to (PostgreSQL's
+    READ COMMITTED would otherwise let the first lookup go stale; SQLite's BEGIN IMMEDIATE already serializes)."""
+    version_id = _resolve(conn, ref)
+    adapter_id = conn.scalar(select(V.adapter_id).where(V.id == version_id))
+    conn.execute(select(A.id).where(A.id == adapter_id).with_for_update()).first()
+    return _resolve(conn, ref)
+
+
 def _parent_id(conn: Connection, parent: Parent) -> int:
     row = conn.execute(select(V.id, V.digest).join(A, A.id == V.adapter_id)
                        .where(A.name == parent.name, V.number == parent.number)).first()
@@ -594,22 +705,66 @@ def _check_metrics(metrics: Iterable[Metric]) -> list[Metric]:
     for metric in metrics:
         check_metric_key(metric.key)
         value = check_value(metric.value, f"metric {metric.key!r}")
+        if metric.dataset:
+            check_dataset(metric.dataset)
+        if metric.split:
+            check_split(metric.split)
         result.append(Metric(metric.key, value, metric.dataset or None, metric.split or None))
     return result
 
 
+def _check_spec(spec: AdapterSpec, size_bytes: int) -> None:
+    """What an artifact's spec puts in columns, bounded like those columns (the artifact may be untrusted)."""
+    try:
+        check_text(spec.method, "adapter method", METHOD_MAX, spaces=False)
+        if spec.rank is not None:
+            check_int(spec.rank, "adapter rank")
+        if spec.alpha is not None:
+            check_value(spec.alpha, "adapter alpha")
+        check_int(size_bytes, "artifact size", maximum=INT64_MAX)
+    except QueryError as exc:
+        raise InvalidArtifact(str(exc)) from None
+
+
+def _check_fingerprint(base: Fingerprint) -> None:
+    """A base fingerprint's columns (it may come from a pulled model card)."""
+    if base.weights_hash:
+        check_text(base.weights_hash, "base weights hash", HASH_MAX, spaces=False)
+    check_text(base.shape_hash, "base shape hash", HASH_MAX, spaces=False)
+    if base.architecture is not None:
+        check_text(base.architecture, "base architecture", ARCHITECTURE_MAX)
+    check_int(int(base.num_parameters or 0), "base parameter count", maximum=INT64_MAX)
+
+
+def member_digests(method: str, config: Any) -> list[str]:
+    """The member digests a stack or mixture config names (its artifact was validated when read); [] for any
+    other method."""
+    if method not in COMPOSITIONS:
+        return []
+    members = config.get(member_key(method)) if isinstance(config, dict) else None
+    return [m["digest"] for m in members or [] if isinstance(m, dict) and isinstance(m.get("digest"), str)]
+
+
+def _digest_referenced(conn: Connection, digest: str) -> bool:
+    if conn.scalar(select(V.id).where(V.digest == digest).limit(1)) is not None:
+        return True
+    # Composition configs are few; a JSON path query would differ between SQLite and PostgreSQL.
+    return any(digest in member_digests(method, config)
+               for method, config in conn.execute(select(V.method, V.config).where(V.method.in_(COMPOSITIONS))))
+
+
 def _check_limit(limit: int) -> int:
-    if not isinstance(limit, int) or limit < 0:
-        raise QueryError(f"limit must be a whole number >= 0, not {limit!r}")
-    return limit
+    return check_int(limit, "limit", maximum=INT64_MAX)
 
 
 def _check_parent(parent: Parent) -> Parent:
     check_name(parent.name)
-    if not isinstance(parent.number, int) or parent.number < 1:
-        raise QueryError(f"lineage parent {parent.name!r} needs a version number >= 1, not {parent.number!r}")
+    if isinstance(parent.number, bool) or not isinstance(parent.number, int) or not 1 <= parent.number <= INT32_MAX:
+        raise QueryError(f"lineage parent {parent.name!r} needs a version number >= 1, not {shown(parent.number)}")
     if parent.weight is not None:
         check_value(parent.weight, f"weight of lineage parent {parent.ref}")
+    if parent.strategy is not None:
+        check_text(parent.strategy, f"strategy of lineage parent {parent.ref}", STRATEGY_MAX)
     try:
         json.dumps(parent.params, allow_nan=False)
     except (TypeError, ValueError) as exc:
@@ -620,9 +775,11 @@ def _check_parent(parent: Parent) -> Parent:
 def _check_tags(tags: Iterable[str]) -> list[str]:
     result = []
     for tag in [tags] if isinstance(tags, str) else tags:
-        if not isinstance(tag, str) or not TAG.match(tag):
-            raise InvalidArtifact(f"invalid tag {tag!r}: 1 to 100 characters, no spaces or commas")
-        result.append(tag)
+        try:
+            result.append(check_text(tag, "tag", TAG_MAX, forbid=",", spaces=False))
+        except QueryError:
+            raise InvalidArtifact(f"invalid tag {shown(tag)}: 1 to {TAG_MAX} characters, no spaces, commas or "
+                                  "control characters") from None
     return sorted(set(result))
 
 
