@@ -6,7 +6,7 @@ import click
 
 from cli.output import print_json
 from cli.train import DEVICE_HELP, STRUCTURAL_HELP, parse_device
-from hub.errors import HubError
+from hub.client import Hub
 
 KINDS = ("sum", "stack", "mixture")
 
@@ -64,11 +64,6 @@ def compose(refs: tuple[str, ...], name: str, weights: str | None, kind: str, st
     hub compose math@2 code --weights 0.7,0.3 --strategy svd --rank 16 --name math-code
     hub compose date name record --kind mixture --fit-task date --fit-task name --fit-task record --name router
     """
-    # Imported here: the composition engine loads torch, which other commands never need.
-    from hub.client import Hub
-    from hub.composition import RouterConfig
-    from hub.composition import compose as compose_
-
     fitting = bool(fit_tasks or fit_data)
     if kind == "mixture" and not fitting:
         raise click.UsageError("a mixture's gate must be trained: pass --fit-task and/or --fit-data")
@@ -79,12 +74,13 @@ def compose(refs: tuple[str, ...], name: str, weights: str | None, kind: str, st
     hub = Hub()
     router_config = None
     if kind == "mixture":
-        router_config = RouterConfig(kind=router, temperature=temperature, top_k=top_k, seed=seed)
-    result = compose_(list(refs), parse_weights(weights), kind=kind, strategy=strategy, rank=rank,
-                      density=density, majority_sign=majority_sign, seed=seed, router=router_config, hub=hub)
+        router_config = {"kind": router, "temperature": temperature, "top_k": top_k, "seed": seed}
+    result = hub.compose(list(refs), parse_weights(weights), kind=kind, strategy=strategy, rank=rank,
+                         density=density, majority_sign=majority_sign, seed=seed, router=router_config)
     if kind == "mixture":
-        _fit(result, base=base, quantize=quantize, device=device, allow_structural=allow_structural,
-             fit_tasks=fit_tasks, fit_data=fit_data, per_task=fit_examples, steps=steps, lr=lr, seed=seed)
+        hub.fit(result, tasks=fit_tasks, data=fit_data, per_task=fit_examples, base=base,
+                quantize=None if quantize == "none" else quantize, device=device, allow_structural=allow_structural,
+                steps=steps, lr=lr, seed=seed)
     registered = result.register(hub, name=name, tags=tags, description=description)
     version = registered.version
     if as_json:
@@ -93,22 +89,3 @@ def compose(refs: tuple[str, ...], name: str, weights: str | None, kind: str, st
     verb = "registered" if registered.created else "already registered as"
     inputs = ", ".join(f"{p.ref} ×{p.weight:g}" for p in version.parents) or "adapters given in memory"
     click.echo(f"{verb} {version.ref} ({version.method} of {inputs}; digest {version.digest[:12]})")
-
-
-def _fit(mixture, *, base: str | None, quantize: str, device: str | None, allow_structural: bool,
-         fit_tasks: tuple[str, ...], fit_data: str | None, per_task: int, steps: int, lr: float, seed: int) -> None:
-    from hub import tasks
-    from hub.data import read_jsonl
-    from hub.runtime import load_base
-
-    base = base or next((m.base_name for m in mixture.experts if m.base_name), None)
-    if base is None:
-        raise HubError("the experts' registry entries name no base model to fit the gate on: pass --base")
-    loaded = load_base(base, quantize=None if quantize == "none" else quantize, device=device)
-    if loaded.tokenizer is None:
-        raise HubError(f"{base} has no tokenizer to encode the gate's training examples")
-    examples = [example for task in fit_tasks for example in tasks.examples(task, "train", per_task)]
-    if fit_data:
-        examples += read_jsonl(fit_data, tokenizer=loaded.tokenizer)
-    mixture.fit(loaded.model, loaded.tokenizer, examples, steps=steps, lr=lr, seed=seed,
-                allow_structural=allow_structural)

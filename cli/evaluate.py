@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from cli.output import print_json, print_table
-from cli.train import DEVICE_HELP, EVAL_COUNT, SMOLLM2, STRUCTURAL_HELP, load_examples, parse_device, resolve_base
-from hub.client import Hub
-from hub.errors import NotFound
-from hub.registry import Metric
+from cli.train import DEVICE_HELP, EVAL_COUNT, STRUCTURAL_HELP, parse_device
+from hub.client import SMOLLM2, Hub
 
 
 @click.command("eval")
@@ -37,40 +33,17 @@ def evaluate_command(refs: tuple[str, ...], task: str | None, data: str | None, 
     \b
     hub eval date name sum-exact mixture --task date --with-base
     """
-    from hub.composition import activate
-    from hub.evaluate import evaluate
-    from hub.runtime import load_base, load_tokenizer
-
     if (data is None) == (task is None):
         raise click.UsageError("give exactly one of --data and --task")
-    hub = Hub()
-    versions = [hub.get(ref) for ref in refs]  # unknown refs fail before the model loads
-    path = resolve_base(base_name)
-    tokenizer = load_tokenizer(path)
-    if tokenizer is None:
-        raise NotFound(f"the base at {path} has no tokenizer to evaluate with")
-    examples = load_examples(data, task, "test", count, tokenizer)
-    dataset = task or Path(data or "").name
-    base = load_base(path, quantize=None if quantize == "none" else quantize, device=device)
-
-    results: list[tuple[str, dict[str, float]]] = []
-    if with_base:
-        results.append(("(base)", evaluate(base.model, tokenizer, examples, progress=not quiet).as_metrics()))
-    for version in versions:
-        handle = activate(base.model, version.ref, hub=hub, allow_structural=allow_structural)
-        if getattr(handle, "base_check", None) is not None:
-            click.echo(f"{version.ref}: {handle.base_check}", err=True)
-        try:
-            scores = evaluate(base.model, tokenizer, examples, progress=not quiet).as_metrics()
-        finally:
-            handle.detach()
-        results.append((version.ref, scores))
-        if not no_record:
-            hub.registry.add_metrics(version.ref, [Metric(key=k, value=v, dataset=dataset, split="test")
-                                                   for k, v in scores.items()])
+    results = Hub().evaluate(list(refs), task=task, data=data, count=count, base=base_name,
+                             quantize=None if quantize == "none" else quantize, device=device,
+                             allow_structural=allow_structural, with_base=with_base, record=not no_record,
+                             progress=not quiet)
     if as_json:
-        print_json([{"ref": ref, "dataset": dataset, "split": "test", "count": len(examples), "metrics": scores}
-                    for ref, scores in results])
+        print_json([result.to_dict() for result in results])
         return
-    keys = list(results[0][1])
-    print_table(["version", *keys], [[ref, *(f"{scores[k]:.4g}" for k in keys)] for ref, scores in results])
+    for result in results:
+        if result.base_check:
+            click.echo(f"{result.ref}: {result.base_check}", err=True)
+    keys = list(results[0].metrics)
+    print_table(["version", *keys], [[r.ref, *(f"{r.metrics[k]:.4g}" for k in keys)] for r in results])

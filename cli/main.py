@@ -1,12 +1,16 @@
-"""The ``hub`` command: a thin click layer over ``hub.Hub``.
+"""The ``hub`` command: a thin click layer over ``hub.Hub``; each command is a few lines over one of its methods.
 
-Every HubError becomes one line ``error: ...`` on stderr and exit code 1; usage errors exit 2 (click's own).
+Every HubError becomes one line ``error: ...`` on stderr and exit code 1 (secrets scrubbed); usage errors exit 2
+(click's own). Anything else is a bug: one line ``error: internal error ...`` and exit code 70, the traceback only
+with HUB_DEBUG=1.
 """
 
 from __future__ import annotations
 
-import re
+import logging
+import os
 import sys
+import traceback
 from dataclasses import asdict
 from typing import Any
 
@@ -16,38 +20,64 @@ from cli.compose import compose
 from cli.evaluate import evaluate_command
 from cli.output import print_json, print_table, version_rows
 from cli.train import train
-from hub.client import Hub
-from hub.errors import HubError
-from hub.registry import Metric
-from hub.remote import Remote
+from hub.client import Hub, Query, parse_metric, parse_remote_ref
+from hub.errors import HubError, QueryError
+from hub.secrets import scrub
 
-METRIC_ARG = re.compile(r"^(?P<key>[A-Za-z_][\w.-]*)(@(?P<dataset>[^:=]+)(:(?P<split>[^=]+))?)?=(?P<value>.+)$")
+INTERNAL_ERROR = 70  # EX_SOFTWARE
 
 
 class HubGroup(click.Group):
-    """Turns the hub's own errors into one line and an exit code, never a traceback."""
+    """Turns every failure into one scrubbed line and an exit code, never a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except HubError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {scrub(str(exc))}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
             sys.exit(130)
+        except OSError as exc:
+            # A local file problem the hub did not foresee: say what failed, not where in the code.
+            what = exc.strerror or type(exc).__name__
+            click.echo(f"error: {scrub(what)}{f': {exc.filename}' if exc.filename else ''}", err=True)
+            sys.exit(1)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit):
+            raise
+        except Exception as exc:
+            if os.environ.get("HUB_DEBUG"):
+                traceback.print_exc()
+            first = (str(exc).strip().splitlines() or [""])[0]
+            click.echo(f"error: internal error ({type(exc).__name__}: {scrub(first)[:300]}); "
+                       f"HUB_DEBUG=1 shows the traceback", err=True)
+            sys.exit(INTERNAL_ERROR)
 
 
-def parse_metric(text: str) -> Metric:
-    """``accuracy=0.91`` or ``accuracy@gsm8k:test=0.91`` (dataset and split optional)."""
-    match = METRIC_ARG.match(text)
-    if not match:
-        raise click.BadParameter(f"{text!r} is not KEY[@DATASET[:SPLIT]]=VALUE", param_hint="--metric")
+class _OneLine(logging.Formatter):
+    """``note: ...`` (info) and ``warning: ...`` lines, scrubbed of secrets."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = "note" if record.levelno < logging.WARNING else record.levelname.lower()
+        return f"{prefix}: {scrub(record.getMessage())}"
+
+
+def _setup_logging() -> None:
+    """The hub's notes and warnings as plain lines on stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLine())
+    logger = logging.getLogger("hub")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def metric_option(texts: tuple[str, ...]) -> list[Any]:
     try:
-        value = float(match["value"])
-    except ValueError:
-        raise click.BadParameter(f"{match['value']!r} in {text!r} is not a number", param_hint="--metric") from None
-    return Metric(key=match["key"], value=value, dataset=match["dataset"], split=match["split"])
+        return [parse_metric(text) for text in texts]
+    except QueryError as exc:
+        raise click.BadParameter(str(exc), param_hint="--metric") from None
 
 
 @click.group(cls=HubGroup)
@@ -55,14 +85,16 @@ def parse_metric(text: str) -> Metric:
 def cli() -> None:
     """adapter hub: register, find, compose and share PEFT adapters.
 
-    State lives in $HUB_HOME (default ~/.adapter-hub); HUB_DATABASE_URL points the registry at another database.
+    State lives in $HUB_HOME (default ~/.adapter-hub); HUB_DATABASE_URL points the registry at another database,
+    HUB_STORE the artifact store at another folder (shared storage).
     """
+    _setup_logging()
 
 
 @cli.command()
 @click.argument("directory", type=click.Path(file_okay=False, path_type=str))
 @click.option("--name", required=True, help="Adapter name (a line of versions).")
-@click.option("--base", "base", required=True, help="Base model folder or cached Hub name it was trained on.")
+@click.option("--base", "base", required=True, help="Base model folder or Hub id it was trained on.")
 @click.option("--metric", "metrics", multiple=True, help="KEY[@DATASET[:SPLIT]]=VALUE, repeatable.")
 @click.option("--tag", "tags", multiple=True, help="Tag, repeatable.")
 @click.option("--description", default=None)
@@ -70,8 +102,8 @@ def cli() -> None:
 def register(directory: str, name: str, base: str, metrics: tuple[str, ...], tags: tuple[str, ...],
              description: str | None, as_json: bool) -> None:
     """Register the PEFT adapter in DIRECTORY as a new version of NAME."""
-    parsed = [parse_metric(m) for m in metrics]
-    result = Hub().register(directory, name=name, base=base, metrics=parsed, tags=tags, description=description)
+    result = Hub().register(directory, name=name, base=base, metrics=metric_option(metrics), tags=tags,
+                            description=description)
     if as_json:
         print_json({**result.version.to_dict(), "created": result.created})
         return
@@ -85,37 +117,32 @@ def register(directory: str, name: str, base: str, metrics: tuple[str, ...], tag
 @click.option("--base", "weights_hash", default=None, help="Base weights_hash.")
 @click.option("--name", default=None, help="Only this adapter's versions.")
 @click.option("--method", default=None)
-@click.option("--min-rank", type=int, default=None)
-@click.option("--max-rank", type=int, default=None)
+@click.option("--min-rank", type=click.IntRange(0, 1 << 31), default=None)
+@click.option("--max-rank", type=click.IntRange(0, 1 << 31), default=None)
 @click.option("--where", "where", multiple=True, help="Metric condition such as 'accuracy>=0.8', repeatable.")
 @click.option("--tag", "tags", multiple=True)
 @click.option("--sort", default=None, help="Metric to sort by, best (highest) first; '-METRIC' for lowest first.")
 @click.option("--all", "include_yanked", is_flag=True, help="Include yanked versions.")
+@click.option("--folders", is_flag=True, help="With --remote ORG/NAME[@REV]: the folders holding an adapter.")
 @click.option("--json", "as_json", is_flag=True)
 def list_(compatible_with: str | None, remote_repo: str | None, weights_hash: str | None, name: str | None,
           method: str | None, min_rank: int | None, max_rank: int | None, where: tuple[str, ...], tags: tuple[str, ...],
-          sort: str | None, include_yanked: bool, as_json: bool) -> None:
+          sort: str | None, include_yanked: bool, folders: bool, as_json: bool) -> None:
     """List registered versions, optionally only those compatible with a base."""
     hub = Hub()
     if remote_repo:
-        base = hub.fingerprint(compatible_with) if compatible_with else None
-        remote_versions = Remote(hub).versions(remote_repo, base=base)
-        if as_json:
-            print_json([asdict(v) for v in remote_versions])
-        else:
-            print_table(["tag", "version", "method", "rank", "match", "base", "digest"],
-                        [[v.tag, f"{v.name}@{v.number}", v.method, v.rank, v.match or "",
-                          v.base_model or (v.base.weights_hash[:12] if v.base else "unknown"), (v.digest or "")[:12]]
-                         for v in remote_versions])
+        _list_remote(hub, remote_repo, compatible_with, folders, as_json)
         return
-    filters = dict(name=name, method=method, min_rank=min_rank, max_rank=max_rank, where=where, tags=tags,
-                   sort=sort, include_yanked=include_yanked)
+    if folders:
+        raise click.UsageError("--folders lists the adapters of a --remote repo")
+    query = Query(name=name, method=method, min_rank=min_rank, max_rank=max_rank, where=where, tags=tags, sort=sort,
+                  include_yanked=include_yanked, weights_hash=weights_hash)
     if compatible_with:
-        matches = hub.compatible(compatible_with, **filters)
+        matches = hub.compatible(compatible_with, query)
         versions = [m.version for m in matches]
         match_kinds = ["exact" if m.exact else "structural" for m in matches]
     else:
-        versions = hub.list(weights_hash=weights_hash, **filters)
+        versions = hub.list(query)
         match_kinds = None
     if as_json:
         rows = [v.to_dict() for v in versions]
@@ -126,15 +153,39 @@ def list_(compatible_with: str | None, remote_repo: str | None, weights_hash: st
     print_table(*version_rows(versions, match_kinds))
 
 
+def _list_remote(hub: Hub, repo: str, compatible_with: str | None, folders: bool, as_json: bool) -> None:
+    remote = hub.remote()
+    if folders:
+        repo_id, _, revision = repo.partition("@")
+        found = remote.adapters(repo_id, revision or None)
+        if as_json:
+            print_json(found)
+        else:
+            for folder in found:
+                click.echo(folder or "(root)")
+        return
+    base = hub.fingerprint(compatible_with) if compatible_with else None
+    remote_versions = remote.versions(repo, base=base)
+    if as_json:
+        print_json([asdict(v) for v in remote_versions])
+        return
+    print_table(["tag", "version", "method", "rank", "match", "base", "digest", "problem"],
+                [[v.tag, f"{v.name}@{v.number}" if v.name else "", v.method, v.rank, v.match or "",
+                  v.base_model or (v.base.weights_hash[:12] if v.base else "unknown"), (v.digest or "")[:12],
+                  v.problem or ""] for v in remote_versions])
+
+
 @cli.command()
 @click.argument("ref")
 @click.option("--json", "as_json", is_flag=True)
 def show(ref: str, as_json: bool) -> None:
-    """Show one version: NAME, NAME@3 or NAME@ALIAS."""
-    version = Hub().get(ref)
+    """Show one version: NAME, NAME@3 or NAME@ALIAS, with where it was pushed."""
+    hub = Hub()
+    version = hub.get(ref)
+    remotes = hub.remotes(version.ref)
     data = version.to_dict()
     if as_json:
-        print_json(data)
+        print_json({**data, "remotes": [r.to_dict() for r in remotes]})
         return
     for key in ("ref", "method", "rank", "alpha", "targets", "digest", "base_name", "status", "created"):
         value = data.get(key)
@@ -148,31 +199,77 @@ def show(ref: str, as_json: bool) -> None:
         click.echo(f"{'metric':>10}: {metric.key} = {metric.value:g}{where}")
     for parent in version.parents:
         click.echo(f"{'parent':>10}: {parent.name}@{parent.number} weight={parent.weight} ({parent.strategy})")
+    for remote in remotes:
+        click.echo(f"{'remote':>10}: {remote.repo_id}@{remote.tag} ({remote.commit[:12]})")
+
+
+@cli.command()
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True)
+def lineage(ref: str, as_json: bool) -> None:
+    """Every ancestor of REF, nearest first: what it was composed or continued from."""
+    edges = Hub().lineage(ref)
+    if as_json:
+        print_json([{"child": e.child, "depth": e.depth, "position": e.position, "parent": e.parent.to_dict()}
+                    for e in edges])
+        return
+    if not edges:
+        click.echo(f"{ref} has no recorded parents", err=True)
+    for edge in edges:
+        p = edge.parent
+        click.echo(f"{'  ' * (edge.depth - 1)}{edge.child} <- {p.ref} weight={p.weight:g} ({p.strategy})")
 
 
 @cli.command()
 @click.argument("ref")
 @click.argument("alias")
-def alias(ref: str, alias: str) -> None:
+@click.option("--json", "as_json", is_flag=True)
+def alias(ref: str, alias: str, as_json: bool) -> None:
     """Point ALIAS (e.g. prod) at the version REF (NAME@VERSION)."""
-    version = Hub().registry.set_alias(ref, alias)
+    version = Hub().alias(ref, alias)
+    if as_json:
+        print_json(version.to_dict())
+        return
     click.echo(f"{version.name}@{alias} -> {version.ref}")
 
 
 @cli.command()
 @click.argument("ref")
-def yank(ref: str) -> None:
+@click.option("--json", "as_json", is_flag=True)
+def unalias(ref: str, as_json: bool) -> None:
+    """Remove the alias NAME@ALIAS (the version stays)."""
+    name, sep, alias_name = ref.partition("@")
+    if not sep or not alias_name:
+        raise QueryError(f"{ref!r} is not NAME@ALIAS")
+    Hub().unalias(name, alias_name)
+    if as_json:
+        print_json({"name": name, "alias": alias_name, "removed": True})
+        return
+    click.echo(f"removed alias {name}@{alias_name}")
+
+
+@cli.command()
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True)
+def yank(ref: str, as_json: bool) -> None:
     """Hide a version from lists and @latest (it stays reachable by number)."""
-    version = Hub().registry.yank(ref)
+    version = Hub().yank(ref)
+    if as_json:
+        print_json(version.to_dict())
+        return
     click.echo(f"yanked {version.ref}")
 
 
 @cli.command()
 @click.argument("ref")
 @click.argument("directory", type=click.Path(path_type=str))
-def export(ref: str, directory: str) -> None:
+@click.option("--json", "as_json", is_flag=True)
+def export(ref: str, directory: str, as_json: bool) -> None:
     """Write version REF as a PEFT adapter folder DIRECTORY."""
     path = Hub().export(ref, directory)
+    if as_json:
+        print_json({"ref": ref, "path": str(path)})
+        return
     click.echo(f"exported {ref} to {path}")
 
 
@@ -180,9 +277,17 @@ def export(ref: str, directory: str) -> None:
 @click.argument("ref")
 @click.option("--repo", "repo_id", default=None, help="ORG/NAME (default: <your user or $HUB_REMOTE_NAMESPACE>/NAME).")
 @click.option("--private", is_flag=True, help="Create the repository as private.")
-def push(ref: str, repo_id: str | None, private: bool) -> None:
+@click.option("--base-model", default=None, help="The base's Hub model id for the card (ORG/NAME).")
+@click.option("--json", "as_json", is_flag=True)
+def push(ref: str, repo_id: str | None, private: bool, base_model: str | None, as_json: bool) -> None:
     """Push version REF to the Hub as a commit tagged v<N> (HF_ENDPOINT, HF_TOKEN apply)."""
-    result = Remote(Hub()).push(ref, repo_id, private=private)
+    options: dict[str, Any] = {"private": private}
+    if base_model:
+        options["base_model"] = base_model
+    result = Hub().push(ref, repo_id, **options)
+    if as_json:
+        print_json(asdict(result))
+        return
     state = "pushed" if result.uploaded else "already on the Hub:"
     click.echo(f"{state} {result.ref} -> {result.repo_id}@{result.tag} ({result.commit[:12]})")
 
@@ -190,10 +295,17 @@ def push(ref: str, repo_id: str | None, private: bool) -> None:
 @cli.command()
 @click.argument("repo")
 @click.option("--name", default=None, help="Register under this name instead of the card's or the repo's.")
-def pull(repo: str, name: str | None) -> None:
-    """Pull ORG/NAME[@REVISION] (a tag such as v2, a branch or a commit), verify it and register it."""
-    repo_id, _, revision = repo.partition("@")
-    result = Remote(Hub()).pull(repo_id, revision or None, name=name)
+@click.option("--subfolder", default=None, help="The adapter's folder inside the repo (as PEFT's subfolder=).")
+@click.option("--json", "as_json", is_flag=True)
+def pull(repo: str, name: str | None, subfolder: str | None, as_json: bool) -> None:
+    """Pull ORG/NAME[/FOLDER][@REVISION] (a tag such as v2, a branch or a commit), verify it and register it."""
+    repo_id, folder, revision = parse_remote_ref(repo)
+    if subfolder and folder and subfolder != folder:
+        raise QueryError(f"{repo!r} names folder {folder!r} and --subfolder says {subfolder!r}")
+    result = Hub().pull(repo_id, revision, name=name, subfolder=subfolder or folder)
+    if as_json:
+        print_json({**asdict(result), "version": result.version.to_dict()})
+        return
     state = "pulled" if result.created else "already registered:"
     click.echo(f"{state} {result.version.ref} from {result.repo_id}@{result.revision} ({result.commit[:12]})")
 
@@ -202,7 +314,7 @@ def pull(repo: str, name: str | None) -> None:
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True)
 def fingerprint_(model: str, as_json: bool) -> None:
-    """Print the weights_hash and shape_hash of a base MODEL (folder or cached Hub name)."""
+    """Print the weights_hash and shape_hash of a base MODEL (a folder, or a Hub id: downloaded once)."""
     fp = Hub().fingerprint(model)
     if as_json:
         print_json({"weights_hash": fp.weights_hash, "shape_hash": fp.shape_hash,
@@ -224,23 +336,23 @@ def db() -> None:
 
 
 @db.command()
-def upgrade() -> None:
+@click.option("--json", "as_json", is_flag=True)
+def upgrade(as_json: bool) -> None:
     """Bring the registry database to the current schema."""
-    from hub.registry import upgrade as run_upgrade
-
-    url = Hub().settings.database_url
-    revision = run_upgrade(url)
+    revision = Hub().upgrade_database()
+    if as_json:
+        print_json({"revision": revision})
+        return
     click.echo(f"database at revision {revision}")
 
 
 @db.command()
-def current() -> None:
+@click.option("--json", "as_json", is_flag=True)
+def current(as_json: bool) -> None:
     """Print the registry database's schema revision."""
-    from hub.registry import current_revision, head_revision
-
-    url = Hub().settings.database_url
-    revision = current_revision(url)
-    head = head_revision()
+    revision, head = Hub().database_revision()
+    if as_json:
+        print_json({"revision": revision, "head": head, "up_to_date": revision == head})
+        return
     state = "up to date" if revision == head else f"head is {head}; run `hub db upgrade`"
     click.echo(f"{revision or 'empty'} ({state})")
-

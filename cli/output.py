@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from hub.registry import VersionInfo
+if TYPE_CHECKING:
+    from hub.client import VersionInfo
 
 
 def print_json(data: Any) -> None:

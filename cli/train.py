@@ -3,32 +3,16 @@
 from __future__ import annotations
 
 import json
-import math
-import os
-from pathlib import Path
 from typing import Any
 
 import click
 
-from hub.client import Hub
-from hub.errors import InvalidArtifact, NotFound
-from hub.registry import Metric
+from cli.output import print_json
+from hub.client import SMOLLM2, Hub
 
 # torch and transformers are imported inside the command: `hub --help` and the registry commands stay fast.
 
-SMOLLM2 = "smollm2"  # shortcut for the cached SmolLM2-135M-Instruct folder (hub.runtime.pretrained)
 EVAL_COUNT = 50
-
-
-def resolve_base(name_or_path: str) -> Path:
-    """A base model folder: ``smollm2`` (converted and cached on first use), a folder, or a Hub model id
-    ``ORG/NAME[@REVISION]`` (downloaded into HUB_HOME's cache on first use)."""
-    from hub.runtime.load import local_path
-    from hub.runtime.pretrained import smollm2_path
-
-    if name_or_path == SMOLLM2 and not Path(name_or_path).exists():
-        return smollm2_path()
-    return local_path(name_or_path)
 
 
 def parse_device(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -62,16 +46,6 @@ def parse_option(text: str) -> tuple[str, Any]:
         return key, raw
 
 
-def load_examples(data: str | None, task: str | None, split: str, count: int, tokenizer: Any) -> list[Any]:
-    """Examples from a JSONL file (chats rendered with ``tokenizer``'s template) or a built-in task's split."""
-    from hub.data import read_jsonl
-    from hub.tasks import examples
-
-    if data is not None:
-        return read_jsonl(data, tokenizer=tokenizer)
-    return examples(str(task), split, count)
-
-
 @click.command()
 @click.argument("name")
 @click.option("--data", type=click.Path(dir_okay=False, path_type=str), default=None,
@@ -103,17 +77,13 @@ def load_examples(data: str | None, task: str | None, split: str, count: int, to
 @click.option("--tag", "tags", multiple=True, help="Tag, repeatable.")
 @click.option("--description", default=None)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--json", "as_json", is_flag=True, help="Print the new version as JSON.")
 def train(name: str, data: str | None, task: str | None, train_count: int, base_name: str, quantize: str,
           device: str | None, method: str, rank: int | None, alpha: float | None, targets: str | None,
           steps: int | None, batch_size: int | None, grad_accum: int | None, lr: float | None, seed: int | None,
           options: tuple[str, ...], eval_task: str | None, eval_data: str | None, eval_count: int,
-          tags: tuple[str, ...], description: str | None, quiet: bool) -> None:
+          tags: tuple[str, ...], description: str | None, quiet: bool, as_json: bool) -> None:
     """Train a new version of adapter NAME on --data or --task, and register it with its recipe."""
-    from hub.evaluate import evaluate
-    from hub.runtime import attach, load_base, load_tokenizer
-    from hub.train import Recipe
-    from hub.train import train as run_training
-
     if (data is None) == (task is None):
         raise click.UsageError("give exactly one of --data and --task")
     if eval_task is not None and eval_data is not None:
@@ -121,36 +91,20 @@ def train(name: str, data: str | None, task: str | None, train_count: int, base_
     given = {"method": method, "rank": rank, "alpha": alpha, "steps": steps, "batch_size": batch_size,
              "grad_accum": grad_accum, "lr": lr, "seed": seed,
              "targets": [t.strip() for t in targets.split(",") if t.strip()] if targets is not None else None}
-    # Everything that can be checked is checked before the (slow) model load: the recipe, the data.
-    recipe = Recipe(**{key: value for key, value in given.items() if value is not None},
-                    options=dict(parse_option(o) for o in options))
-    path = resolve_base(base_name)
-    tokenizer = load_tokenizer(path)
-    if tokenizer is None:
-        raise NotFound(f"the base at {path} has no tokenizer to train with")
-    examples = load_examples(data, task, "train", train_count, tokenizer)
-    test = None
-    if eval_task is not None or eval_data is not None:
-        test = load_examples(eval_data, eval_task, "test", eval_count, tokenizer)
-
-    base = load_base(path, quantize=None if quantize == "none" else quantize, device=device)
-    result = run_training(base.model, tokenizer, examples, recipe, progress=not quiet)
-    if any(math.isnan(loss) for loss in result.losses):
-        raise InvalidArtifact("training diverged (the loss became NaN); try a lower --lr")
-    click.echo(f"trained {recipe.method} in {result.seconds:.0f}s: loss {result.losses[0]:.3f} -> "
-               f"{result.losses[-1]:.3f} over {recipe.steps} steps", err=True)
-    metrics: list[Metric] = []
-    if test is not None:
-        dataset = eval_task or Path(eval_data or "").name
-        handle = attach(base.model, result.adapter, name=f"eval-{name}")
-        try:
-            scores = evaluate(base.model, tokenizer, test, progress=not quiet)
-        finally:
-            handle.detach()
-        metrics = [Metric(key=k, value=v, dataset=dataset, split="test") for k, v in scores.as_metrics().items()]
-        click.echo("  ".join(f"{m.key}={m.value:.4g}" for m in metrics), err=True)
-    registered = Hub().register(result.adapter, name=name, base=os.fspath(path), metrics=metrics, tags=tags,
-                                description=description, recipe=result.recipe.to_dict())
-    verb = "registered" if registered.created else "already registered as"
-    version = registered.version
+    recipe = {key: value for key, value in given.items() if value is not None}
+    recipe["options"] = dict(parse_option(o) for o in options)
+    trained = Hub().train(name, recipe=recipe, task=task, data=data, count=train_count, base=base_name,
+                          quantize=None if quantize == "none" else quantize, device=device, eval_task=eval_task,
+                          eval_data=eval_data, eval_count=eval_count, tags=tags, description=description,
+                          progress=not quiet)
+    version = trained.registered.version
+    if as_json:
+        print_json({**version.to_dict(), "created": trained.registered.created, "losses": trained.losses,
+                    "seconds": trained.seconds})
+        return
+    click.echo(f"trained {version.method} in {trained.seconds:.0f}s: loss {trained.losses[0]:.3f} -> "
+               f"{trained.losses[-1]:.3f} over {len(trained.losses)} steps", err=True)
+    if trained.metrics:
+        click.echo("  ".join(f"{m.key}={m.value:.4g}" for m in trained.metrics), err=True)
+    verb = "registered" if trained.registered.created else "already registered as"
     click.echo(f"{verb} {version.ref} ({version.method}, digest {version.digest[:12]})")

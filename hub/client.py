@@ -2,38 +2,144 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hub.config import Settings, load_settings
-from hub.errors import Conflict, HubError
+from hub.errors import Conflict, HubError, InvalidArtifact, NotFound, QueryError
 from hub.fingerprint import Fingerprint, fingerprint
 from hub.formats import Adapter, adapter_digest, read_adapter, write_adapter
-from hub.registry import Match, Metric, Parent, Registered, Registry, VersionInfo
+from hub.lifecycle import member_digests, store_and_register
+from hub.registry import BaseInfo, LineageEdge, Match, Metric, Parent, Registered, Registry, VersionInfo
+from hub.registry import Remote as RemoteRecord
 from hub.store import Store
 
+if TYPE_CHECKING:
+    from hub.data import Example
+    from hub.remote import PullResult, PushResult
+    from hub.remote import Remote as RemoteClient
+    from hub.train import Recipe
+
+__all__ = ["Evaluation", "Hub", "Metric", "Parent", "Query", "Trained", "parse_metric", "parse_remote_ref",
+           "resolve_base"]
+
+log = logging.getLogger(__name__)
+
 BaseLike = Fingerprint | str | os.PathLike[str] | Any
+SMOLLM2 = "smollm2"  # shortcut for the cached SmolLM2-135M-Instruct folder (hub.runtime.pretrained)
+METRIC_ARG = re.compile(r"^(?P<key>[A-Za-z_][\w.-]*)(@(?P<dataset>[^:=]+)(:(?P<split>[^=]+))?)?=(?P<value>.+)$")
+
+
+@dataclass(frozen=True)
+class Query:
+    """The filters ``Hub.list`` and ``Hub.compatible`` take, all optional and combined with AND.
+
+    ``where``: metric conditions (``accuracy>=0.8``, ``accuracy@gsm8k:test>=0.8``); ``tags``: all of them;
+    ``sort``: a metric, highest first (``-metric``: lowest first); ``weights_hash``: only versions on that base
+    (``list`` only; ``compatible`` takes the base itself).
+    """
+
+    name: str | None = None
+    method: str | None = None
+    min_rank: int | None = None
+    max_rank: int | None = None
+    where: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    sort: str | None = None
+    include_yanked: bool = False
+    limit: int | None = None
+    weights_hash: str | None = None
+
+    def filters(self) -> dict[str, Any]:
+        return {"name": self.name, "method": self.method, "min_rank": self.min_rank, "max_rank": self.max_rank,
+                "where": tuple(self.where), "tags": tuple(self.tags), "sort": self.sort,
+                "include_yanked": self.include_yanked, "limit": self.limit}
+
+
+@dataclass(frozen=True)
+class Trained:
+    """What ``Hub.train`` produced: the registered version, the loss per optimizer step, seconds, metrics."""
+
+    registered: Registered
+    losses: list[float]
+    seconds: float
+    metrics: list[Metric] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One version's scores on one dataset (``ref`` is ``(base)`` for the bare base)."""
+
+    ref: str
+    dataset: str
+    split: str
+    count: int
+    metrics: dict[str, float]
+    base_check: str | None = None  # how the base was recognised as the version's (exact, structural)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ref": self.ref, "dataset": self.dataset, "split": self.split, "count": self.count,
+                "metrics": self.metrics, "base_check": self.base_check}
+
+
+def parse_metric(text: str) -> Metric:
+    """``accuracy=0.91`` or ``accuracy@gsm8k:test=0.91`` (dataset and split optional). Raises QueryError."""
+    match = METRIC_ARG.match(text)
+    if not match:
+        raise QueryError(f"metric {text!r} is not KEY[@DATASET[:SPLIT]]=VALUE")
+    try:
+        value = float(match["value"])
+    except ValueError:
+        raise QueryError(f"metric value {match['value']!r} in {text!r} is not a number") from None
+    return Metric(key=match["key"], value=value, dataset=match["dataset"], split=match["split"])
+
+
+def parse_remote_ref(text: str) -> tuple[str, str | None, str | None]:
+    """``ORG/NAME[/FOLDER][@REVISION]`` → (repo_id, folder or None, revision or None). Raises QueryError."""
+    from hub.remote import parse_remote_ref
+
+    return parse_remote_ref(text)
+
+
+def resolve_base(name_or_path: str | os.PathLike[str]) -> Path:
+    """A base model folder: ``smollm2`` (converted and cached on first use), a folder, or a Hub model id."""
+    from hub.runtime.load import local_path
+    from hub.runtime.pretrained import smollm2_path
+
+    if name_or_path == SMOLLM2 and not Path(name_or_path).exists():
+        return smollm2_path()
+    return local_path(name_or_path)
 
 
 class Hub:
     """One hub: a store of artifacts and the registry that indexes them.
 
-    >>> hub = Hub()                                   # $HUB_HOME, or ~/.adapter-hub
+    ``home`` (default $HUB_HOME, or ~/.adapter-hub) holds the store and the SQLite registry; ``database_url``
+    (default $HUB_DATABASE_URL) and ``store`` (default $HUB_STORE) put either elsewhere.
+
+    >>> hub = Hub()
     >>> hub.register("out/math-lora", name="math", base="models/smollm2", metrics={"accuracy": 0.91})
     >>> [m.version.ref for m in hub.compatible("models/smollm2")]
     """
 
-    def __init__(self, *, home: str | os.PathLike[str] | None = None, database_url: str | None = None) -> None:
+    def __init__(self, *, home: str | os.PathLike[str] | None = None, database_url: str | None = None,
+                 store: str | os.PathLike[str] | None = None) -> None:
         settings = load_settings()
         if home is not None:
             home = Path(home)
             settings = Settings(home=home, database_url=database_url or f"sqlite:///{home / 'registry.db'}")
         elif database_url is not None:
-            settings = Settings(home=settings.home, database_url=database_url)
+            settings = Settings(home=settings.home, database_url=database_url, store=settings.store)
+        if store is not None:
+            settings = Settings(home=settings.home, database_url=settings.database_url, store=Path(store))
         self.settings = settings
         self.store = Store(settings.store_dir)
         self._registry: Registry | None = None
@@ -70,9 +176,8 @@ class Hub:
             base_name = str(base) if isinstance(base, (str, os.PathLike)) else getattr(base, "name_or_path", None)
         digest = adapter_digest(adapter)
         registry = self.registry  # opened before anything is stored: a database that cannot be opened stores nothing
-        already_stored = digest in self.store
-        self.store.put(adapter, digest=digest)
-        try:
+
+        def register() -> Registered:
             return registry.register(
                 name,
                 digest=digest,
@@ -88,28 +193,63 @@ class Hub:
                 number=number,
                 recipe=dict(recipe) if recipe is not None else None,
             )
-        except BaseException:
-            # Nothing half-done: an artifact this call added and no version refers to goes away again.
-            if not already_stored and not registry.find_digest(digest):
-                self.store.remove(digest)
-            raise
+
+        # Stored and registered under the digest's lock: no clean-up or collection can remove the artifact until
+        # the version is committed, and a failure removes an artifact this call added once nothing refers to it.
+        return store_and_register(self.store, registry, digest, lambda: self.store.put(adapter, digest=digest),
+                                  register, members=member_digests(adapter.spec.method, adapter.config))
 
     def get(self, ref: str) -> VersionInfo:
+        """One version: ``name`` (= ``name@latest``), ``name@3`` or ``name@ALIAS``. Raises NotFound, QueryError."""
         return self.registry.get(ref)
 
-    def load(self, ref: str) -> Adapter:
-        """The adapter behind a registry reference (``name``, ``name@3``, ``name@prod``), read from the store."""
-        return self.store.get(self.registry.get(ref).digest, verify=True)
+    def load(self, ref: str | VersionInfo) -> Adapter:
+        """The adapter behind a registry reference (``name``, ``name@3``, ``name@prod``), read from the store and
+        verified against its digest; fetched from the version's recorded remote when this machine lacks it."""
+        version = ref if isinstance(ref, VersionInfo) else self.registry.get(ref)
+        return self.artifact(version.digest)
+
+    def artifact(self, digest: str) -> Adapter:
+        """The stored artifact ``digest``, verified. Raises NotFound when neither the store nor a recorded remote
+        of a version with this digest has it, IntegrityError when the stored copy is damaged."""
+        if digest not in self.store:
+            self._fetch(digest)
+        return self.store.get(digest, verify=True)
+
+    def _fetch(self, digest: str) -> None:
+        """Fill the store from the first recorded remote that holds ``digest`` (machines sharing one registry
+        database share its adapters this way). A remote that fails is reported and the next one tried."""
+        from hub.remote import Remote
+
+        places = [(version, remote) for version in self.registry.find_digest(digest)
+                  for remote in self.registry.remotes(version.ref)]
+        if not places:
+            raise NotFound(f"artifact {digest[:12]} is not in the store at {self.store.root} and no remote of it "
+                           f"is recorded")
+        failures = []
+        for version, remote in places:
+            try:
+                Remote(self).fetch(remote.repo_id, remote.commit, digest=digest)
+            except HubError as exc:
+                failures.append(str(exc))
+                continue
+            log.info("fetched %s (%s) from %s@%s", version.ref, digest[:12], remote.repo_id, remote.tag)
+            return
+        raise NotFound(f"artifact {digest[:12]} is not in the store and no recorded remote gave it: "
+                       f"{'; '.join(failures)}")
 
     def export(self, ref: str, directory: str | os.PathLike[str]) -> Path:
         """Write a version as a PEFT folder that ``PeftModel.from_pretrained`` loads unchanged."""
         version = self.registry.get(ref)
-        adapter = self.store.get(version.digest, verify=True)
+        adapter = self.artifact(version.digest)
         target = Path(directory)
         if target.exists() and (not target.is_dir() or any(target.iterdir())):
             raise Conflict(f"{target} exists and is not an empty folder")
-        config = dict(adapter.config)
-        if version.base_name:
+        from hub.remote.paths import is_hub_model_id
+
+        # A Hub id tells a PEFT user which base to load; a local path of the machine it was registered on would not.
+        config = {key: value for key, value in adapter.config.items() if key != "base_model_name_or_path"}
+        if is_hub_model_id(version.base_name):
             config["base_model_name_or_path"] = version.base_name
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -127,12 +267,204 @@ class Hub:
             shutil.rmtree(staging, ignore_errors=True)
         return target
 
-    def list(self, **filters: Any) -> list[VersionInfo]:
-        return self.registry.list(**filters)
+    def list(self, query: Query | None = None) -> list[VersionInfo]:
+        """Versions matching every filter of ``query`` (all versions not yanked when None)."""
+        query = query or Query()
+        return self.registry.list(weights_hash=query.weights_hash, **query.filters())
 
-    def compatible(self, base: BaseLike, **filters: Any) -> list[Match]:
+    def compatible(self, base: BaseLike, query: Query | None = None) -> list[Match]:
         """Registered versions that fit ``base``: exact (same weights) first, then structural (same shapes)."""
-        return self.registry.compatible(self.fingerprint(base), **filters)
+        return self.registry.compatible(self.fingerprint(base), **(query or Query()).filters())
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+    def alias(self, ref: str, alias: str) -> VersionInfo:
+        """Point ``name@alias`` at the version ``ref`` (moving it if it pointed elsewhere)."""
+        return self.registry.set_alias(ref, alias)
+
+    def unalias(self, name: str, alias: str) -> None:
+        """Remove ``name@alias``. Raises NotFound when there is no such alias."""
+        self.registry.remove_alias(name, alias)
+
+    def yank(self, ref: str) -> VersionInfo:
+        """Hide a version from lists and ``@latest``; it stays reachable by number and alias."""
+        return self.registry.yank(ref)
+
+    def lineage(self, ref: str) -> list[LineageEdge]:
+        """Every ancestor edge of ``ref``, nearest first."""
+        return self.registry.lineage(ref)
+
+    def remotes(self, ref: str) -> list[RemoteRecord]:
+        """The Hub repositories, tags and commits a version was pushed to or pulled from."""
+        return self.registry.remotes(ref)
+
+    def bases(self) -> list[BaseInfo]:
+        return self.registry.bases()
+
+    def add_metrics(self, ref: str, metrics: Mapping[str, float] | Iterable[Metric]) -> VersionInfo:
+        """Record (or overwrite, per key/dataset/split) metrics of an existing version."""
+        return self.registry.add_metrics(ref, _metrics(metrics))
+
+    # -- remotes -----------------------------------------------------------------------------------------------
+    def remote(self, *, endpoint: str | None = None, token: str | None = None) -> RemoteClient:
+        """A client for one Hub endpoint (default HF_ENDPOINT) and token (default HF_TOKEN or the stored login)."""
+        from hub.remote import Remote
+
+        return Remote(self, endpoint=endpoint, token=token)
+
+    def push(self, ref: str, repo_id: str | None = None, **options: Any) -> PushResult:
+        """Push a version as a commit tagged ``v<N>`` with a model card; see ``hub.remote.Remote.push``."""
+        return self.remote().push(ref, repo_id, **options)
+
+    def pull(self, repo_id: str, revision: str | None = None, **options: Any) -> PullResult:
+        """Download, verify and register a version; see ``hub.remote.Remote.pull``."""
+        return self.remote().pull(repo_id, revision, **options)
+
+    # -- models ------------------------------------------------------------------------------------------------
+    def compose(self, inputs: Sequence[Any], weights: Sequence[float] | None = None, **options: Any) -> Any:
+        """A weighted sum, stack or gated mixture of registry references; see ``hub.composition.compose``.
+        ``router`` may be a RouterConfig or its fields."""
+        from hub.composition import RouterConfig, compose
+
+        if isinstance(options.get("router"), Mapping):
+            options["router"] = RouterConfig(**options["router"])
+        return compose(inputs, weights, hub=self, **options)
+
+    def activate(self, model: Any, source: Any, *, name: str | None = None, allow_structural: bool = False) -> Any:
+        """Put a registered version or a composition onto ``model``; ``detach()`` on the result takes it off."""
+        from hub.composition import activate
+
+        return activate(model, source, hub=self, name=name, allow_structural=allow_structural)
+
+    def fit(self, mixture: Any, *, examples: Sequence[Example] = (), tasks: Iterable[str] = (),
+            data: str | os.PathLike[str] | None = None, per_task: int = 300, base: str | None = None,
+            quantize: str | None = "nf4", device: str | None = None, allow_structural: bool = False,
+            steps: int = 100, lr: float = 1e-2, seed: int = 0, progress: bool = True) -> Any:
+        """Train a mixture's gate on its experts' base (or ``base``), loaded once, on ``examples`` plus
+        ``per_task`` distinct training examples of each built-in task in ``tasks`` plus a JSONL file ``data``.
+        Raises HubError when no base is known or no examples are given."""
+        from hub.data import read_jsonl
+        from hub.tasks import examples as task_examples
+
+        base = base or next((m.base_name for m in mixture.experts if m.base_name), None)
+        if base is None:
+            raise HubError("the experts' registry entries name no base model to fit the gate on: pass a base")
+        loaded = self.load_base(base, quantize=quantize, device=device)
+        fit_set = [*examples, *(ex for task in tasks for ex in task_examples(task, "train", per_task))]
+        if data is not None:
+            fit_set += read_jsonl(data, tokenizer=loaded.tokenizer)
+        if not fit_set:
+            raise HubError("no examples to fit the gate on: give tasks, a data file or examples")
+        return mixture.fit(loaded.model, loaded.tokenizer, fit_set, steps=steps, lr=lr, seed=seed,
+                           allow_structural=allow_structural, progress=progress)
+
+    def load_base(self, base: str | os.PathLike[str], *, quantize: str | None = "nf4",
+                  device: str | None = None) -> Any:
+        """Load a base model (``smollm2``, a folder or a Hub id) with its tokenizer: ``hub.runtime.Base``.
+        Raises NotFound when it has no tokenizer."""
+        from hub.runtime import load_base
+
+        loaded = load_base(resolve_base(base), quantize=quantize, device=device)
+        if loaded.tokenizer is None:
+            raise NotFound(f"the base at {loaded.path} has no tokenizer")
+        return loaded
+
+    def examples(self, *, task: str | None = None, data: str | os.PathLike[str] | None = None, split: str = "test",
+                 count: int = 50, tokenizer: Any = None) -> list[Example]:
+        """Examples from exactly one of a built-in ``task`` (its ``split``) or a JSONL file ``data`` (chats are
+        rendered with ``tokenizer``'s template). Raises QueryError when both or neither are given."""
+        from hub.data import read_jsonl
+        from hub.tasks import examples
+
+        if (data is None) == (task is None):
+            raise QueryError("give exactly one of a task and a data file")
+        return read_jsonl(data, tokenizer=tokenizer) if data is not None else examples(str(task), split, count)
+
+    def train(self, name: str, *, recipe: Recipe | Mapping[str, Any] | None = None, task: str | None = None,
+              data: str | None = None,
+              count: int = 1000, base: str = SMOLLM2, quantize: str | None = "nf4", device: str | None = None,
+              eval_task: str | None = None, eval_data: str | None = None, eval_count: int = 50,
+              tags: Iterable[str] = (), description: str | None = None, progress: bool = True) -> Trained:
+        """Train a new version of ``name`` (``recipe``: a hub.train.Recipe or its fields) on ``task`` or ``data``,
+        evaluate it when an eval set is given, and register it with its recipe and metrics.
+
+        Everything checkable (recipe, data) is checked before the model loads. Raises InvalidArtifact when the
+        loss becomes NaN (nothing is registered)."""
+        from hub.evaluate import evaluate
+        from hub.runtime import attach, load_tokenizer
+        from hub.train import Recipe
+        from hub.train import train as run_training
+
+        recipe = Recipe.from_dict(dict(recipe)) if isinstance(recipe, Mapping) else recipe or Recipe()
+        path = resolve_base(base)
+        tokenizer = load_tokenizer(path)
+        if tokenizer is None:
+            raise NotFound(f"the base at {path} has no tokenizer to train with")
+        train_set = self.examples(task=task, data=data, split="train", count=count, tokenizer=tokenizer)
+        test_set = None
+        if eval_task is not None or eval_data is not None:
+            test_set = self.examples(task=eval_task, data=eval_data, split="test", count=eval_count,
+                                     tokenizer=tokenizer)
+        loaded = self.load_base(path, quantize=quantize, device=device)
+        result = run_training(loaded.model, tokenizer, train_set, recipe, progress=progress, device=device)
+        if any(math.isnan(loss) for loss in result.losses):
+            raise InvalidArtifact("training diverged (the loss became NaN); try a lower learning rate")
+        metrics: list[Metric] = []
+        if test_set is not None:
+            handle = attach(loaded.model, result.adapter, name=f"eval-{name}")
+            try:
+                scores = evaluate(loaded.model, tokenizer, test_set, progress=progress)
+            finally:
+                handle.detach()
+            dataset = eval_task or Path(eval_data or "").name
+            metrics = [Metric(key=k, value=v, dataset=dataset, split="test") for k, v in scores.as_metrics().items()]
+        registered = self.register(result.adapter, name=name, base=os.fspath(path), metrics=metrics, tags=tags,
+                                   description=description, recipe=result.recipe.to_dict())
+        return Trained(registered=registered, losses=result.losses, seconds=result.seconds, metrics=metrics)
+
+    def evaluate(self, refs: Sequence[str], *, task: str | None = None, data: str | None = None, count: int = 50,
+                 base: str = SMOLLM2, quantize: str | None = "nf4", device: str | None = None,
+                 allow_structural: bool = False, with_base: bool = False, record: bool = True,
+                 progress: bool = True) -> list[Evaluation]:
+        """Score each of ``refs`` (any registered kind) on the same base and examples; ``with_base`` scores the
+        bare base first (never recorded). Metrics are recorded per dataset with split ``test`` unless
+        ``record=False``. Unknown refs fail before the model loads."""
+        from hub.composition import activate
+        from hub.evaluate import evaluate
+
+        versions = [self.get(ref) for ref in refs]
+        loaded = self.load_base(base, quantize=quantize, device=device)
+        test_set = self.examples(task=task, data=data, split="test", count=count, tokenizer=loaded.tokenizer)
+        dataset = task or Path(data or "").name
+        results = []
+        if with_base:
+            scores = evaluate(loaded.model, loaded.tokenizer, test_set, progress=progress).as_metrics()
+            results.append(Evaluation(ref="(base)", dataset=dataset, split="test", count=len(test_set),
+                                      metrics=scores))
+        for version in versions:
+            handle = activate(loaded.model, version.ref, hub=self, allow_structural=allow_structural)
+            check = getattr(handle, "base_check", None)
+            try:
+                scores = evaluate(loaded.model, loaded.tokenizer, test_set, progress=progress).as_metrics()
+            finally:
+                handle.detach()
+            results.append(Evaluation(ref=version.ref, dataset=dataset, split="test", count=len(test_set),
+                                      metrics=scores, base_check=str(check) if check is not None else None))
+            if record:
+                self.add_metrics(version.ref, [Metric(key=k, value=v, dataset=dataset, split="test")
+                                               for k, v in scores.items()])
+        return results
+
+    def upgrade_database(self) -> str:
+        """Bring the registry database to the current schema (alembic); returns the revision it is at."""
+        from hub.registry import upgrade
+
+        return upgrade(self.settings.database_url)
+
+    def database_revision(self) -> tuple[str | None, str]:
+        """(the registry database's schema revision or None when empty, the revision this release writes)."""
+        from hub.registry import current_revision, head_revision
+
+        return current_revision(self.settings.database_url), head_revision()
 
     def fingerprint(self, base: BaseLike) -> Fingerprint:
         if isinstance(base, Fingerprint):
@@ -142,5 +474,6 @@ class Hub:
 
 def _metrics(metrics: Mapping[str, float] | Iterable[Metric]) -> list[Metric]:
     if isinstance(metrics, Mapping):
-        return [Metric(key=key, value=float(value)) for key, value in metrics.items()]
+        # Values are checked (and converted) by the registry: a bad one is a QueryError, not a ValueError.
+        return [Metric(key=key, value=value) for key, value in metrics.items()]
     return list(metrics)

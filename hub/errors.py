@@ -38,3 +38,7 @@ class DatabaseError(HubError):
 
 class QueryError(HubError):
     """A malformed name, reference, alias, metric or query condition (``math@``, ``accuracy>>0.8``)."""
+
+
+class PermissionDenied(HubError):
+    """A file or folder the operating system does not let the hub read or write."""

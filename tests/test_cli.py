@@ -19,7 +19,7 @@ from peft_saved import assert_identical, peft_loaded_tensors, save_folders
 from safetensors.torch import load_file
 
 from cli.main import cli
-from hub.client import Hub
+from hub.client import Hub, Query
 from hub.fingerprint import fingerprint_path
 from hub.formats import CONFIG_NAME, WEIGHTS_NAME, adapter_digest, read_adapter
 from hub.registry import head_revision
@@ -76,8 +76,8 @@ def state(home: Path) -> tuple:
     """Everything a failed command must leave as it was: the store's files and the registry's rows."""
     store = home / "store"
     files = sorted((str(p), p.stat().st_size) for p in store.rglob("*") if p.is_file()) if store.exists() else []
-    versions = [v.to_dict() for v in Hub(home=home).list(include_yanked=True)] if (home / "registry.db").exists() \
-        else []
+    registered = (home / "registry.db").exists()
+    versions = [v.to_dict() for v in Hub(home=home).list(Query(include_yanked=True))] if registered else []
     return files, versions
 
 
@@ -231,11 +231,11 @@ ERRORS = [
     (["export", "date@1", "{busy}"], None, "error: {busy} exists and is not an empty folder"),
     (["list", "--where", "accuracy>>0.8"], None, "error: invalid metric condition 'accuracy>>0.8'"),
     (["list", "--sort", "-"], None, "error: invalid sort"),
-    (["list", "--compatible-with", "/no/such/base"], None, "error: no model at path '/no/such/base'"),
-    (["fingerprint", "/no/such/base"], None, "error: no model at path '/no/such/base'"),
+    (["list", "--compatible-with", "/no/such/base"], None, "error: no model folder or file at /no/such/base"),
+    (["fingerprint", "/no/such/base"], None, "error: no model folder or file at /no/such/base"),
     (["register", "{corrupt}", "--name", "x", "--base", "{base}"], None, "is not a readable safetensors file"),
     (["register", "{tmp}/missing", "--name", "x", "--base", "{base}"], None, "missing is not a folder"),
-    (["register", "{fresh}", "--name", "x", "--base", "/no/such/base"], None, "error: no model at path"),
+    (["register", "{fresh}", "--name", "x", "--base", "/no/such/base"], None, "error: no model folder or file at"),
     (["register", "{fresh}", "--name", "bad name", "--base", "{base}"], None, "error: invalid adapter name"),
     (["register", "{fresh}", "--name", "x", "--base", "{base}", "--metric", "accuracy=nan"], None,
      "not a finite number"),

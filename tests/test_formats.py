@@ -36,7 +36,7 @@ from peft_saved import save_peft
 from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
-from hub.client import Hub
+from hub.client import Hub, Query
 from hub.errors import InvalidArtifact
 from hub.formats import CONFIG_NAME, WEIGHTS_NAME, Adapter, adapter_digest, read_adapter, write_adapter
 from hub.formats.spec import VOLATILE_CONFIG_KEYS
@@ -380,7 +380,7 @@ def test_bad_folders_are_refused_in_one_line_and_nothing_is_stored(bad: str, pef
     hub = Hub(home=tmp_path / "home")
     with pytest.raises(InvalidArtifact, match=re.escape(message)):
         hub.register(folder, name="bad", base=None)
-    assert hub.list(include_yanked=True) == []
+    assert hub.list(Query(include_yanked=True)) == []
     assert [p for p in (tmp_path / "home").rglob("*") if p.is_file() and "registry.db" not in p.name] == []
 
 

@@ -93,5 +93,5 @@ def test_bad_data_and_bases_are_one_line(hub_home: Path, tiny_base: Path, tmp_pa
     result = run("demo", "--task", "date", "--base", str(weights_only), *FAST)
     assert result.exit_code == 1 and "has no tokenizer to train with" in result.output
     result = run("demo", "--task", "date", "--base", str(tmp_path / "missing"), *FAST)
-    assert result.exit_code == 1 and "error: no model folder at" in result.output
+    assert result.exit_code == 1 and "error: no model folder or file at" in result.output
     assert not Hub().list()

@@ -95,7 +95,7 @@ def activate(model: nn.Module, source: str | Adapter | Composition, *, hub: Hub 
     if isinstance(source, str):
         hub = default_hub(hub)
         version = hub.get(source)
-        artifact = hub.store.get(version.digest, verify=True)
+        artifact = hub.load(version)
         base, base_name, name = version.base, version.base_name, name or version.ref
     elif isinstance(source, Adapter):
         artifact = source

@@ -99,7 +99,7 @@ def resolve(inputs: Sequence[Input], weights: Sequence[float] | None, *, hub: Hu
         elif isinstance(item, str):
             hub = default_hub(hub)
             version = hub.get(item)
-            member = Member(hub.store.get(version.digest, verify=True), weight, version.name, version.number,
+            member = Member(hub.artifact(version.digest), weight, version.name, version.number,
                             version.base, version.base_name)
         else:
             raise Incompatible(f"cannot compose a {type(item).__name__}: give registry references or Adapters")
@@ -148,10 +148,13 @@ def load_members(
     members = []
     for entry in entries:
         digest = entry["digest"]
-        if digest not in hub.store:
+        try:
+            adapter = hub.artifact(digest)  # fetched from a recorded remote when this machine lacks it
+        except NotFound:
             who = f"{entry['name']}@{entry['number']}" if entry["name"] else digest[:12]
-            raise NotFound(f"member {who} (digest {digest[:12]}) is not in the store: register or pull it first")
-        member = Member(hub.store.get(digest, verify=True), entry["weight"], entry["name"], entry["number"], base,
+            raise NotFound(f"member {who} (digest {digest[:12]}) is not in the store: register or pull it first"
+                           ) from None
+        member = Member(adapter, entry["weight"], entry["name"], entry["number"], base,
                         base_name)
         members.append(member)
     return members

@@ -207,7 +207,7 @@ class Remote:
     def _upload(self, version: VersionInfo, repo_id: str, base_model: str | None) -> str:
         """Commit the version's PEFT files and card; returns the commit id."""
         base_model = base_model or (version.base_name if is_hub_model_id(version.base_name) else None)
-        adapter = self.hub.store.get(version.digest, verify=True)
+        adapter = self.hub.load(version)
         config = dict(adapter.config)
         # PEFT saves the local path of the base here; only a Hub id means anything to whoever downloads it.
         if base_model:
@@ -277,21 +277,7 @@ class Remote:
         where = f"{location}@{revision}"
         downloads = Downloads(self.hub.settings.cache_dir / "remote", self.endpoint, repo_id)
         commit, sizes = self._resolve(downloads, repo_id, revision, where)
-        try:
-            wanted = [f"{subfolder}/{file}" if subfolder else file for file in ARTIFACT_FILES]
-            self._download(downloads, repo_id, commit, wanted, sizes, where)
-            folder = downloads.commit_folder(commit).joinpath(*(subfolder or ".").split("/"))
-            card = read_card(folder / CARD_NAME, where)
-            _check_safetensors_header(folder / WEIGHTS_NAME, where)
-            try:
-                adapter = read_adapter(folder)
-            except InvalidArtifact as exc:
-                raise InvalidArtifact(f"{where}: {exc}") from None
-            digest = adapter_digest(adapter)
-            verified = _verify(card, digest, where)
-        except HubError:
-            downloads.evict(commit)  # a bad or partial copy: the next pull downloads afresh
-            raise
+        adapter, card, verified = self._artifact(downloads, repo_id, commit, subfolder, sizes, where)
         hub_card = card if card is not None and card.hub_card else None
         line = name or (hub_card.name if hub_card and hub_card.name else None) or _name_from(repo_id, subfolder)
         if name is None:
@@ -314,6 +300,48 @@ class Remote:
         self.hub.registry.record_remote(registered.version.ref, repo_id=location, tag=tag, commit=commit)
         return PullResult(version=registered.version, repo_id=repo_id, revision=revision, commit=commit,
                           created=registered.created, subfolder=subfolder, verified=verified)
+
+    @_scrubbed
+    def fetch(self, location: str, commit: str, *, digest: str) -> Adapter:
+        """Download the artifact a registry's remote record names (``ORG/NAME[/FOLDER]`` at ``commit``), check it
+        is ``digest`` and put it in the store: how a machine sharing a registry database gets the files.
+
+        Raises QueryError (a malformed record), NotFound / RemoteError (server), InvalidArtifact (files
+        malformed or over a limit), IntegrityError (the files are not ``digest``).
+        """
+        parts = location.split("/")
+        repo_id = check_repo_id("/".join(parts[:2]))
+        subfolder = check_subfolder("/".join(parts[2:]) or None)
+        where = f"{location}@{commit[:12]}"
+        downloads = Downloads(self.hub.settings.cache_dir / "remote", self.endpoint, repo_id)
+        commit, sizes = self._resolve(downloads, repo_id, check_revision(commit), where)
+        adapter, _, _ = self._artifact(downloads, repo_id, commit, subfolder, sizes, where)
+        found = adapter_digest(adapter)
+        if found != digest:
+            downloads.evict(commit)
+            raise IntegrityError(f"{where}: the files there have digest {found[:12]}, the registry records "
+                                 f"{digest[:12]}")
+        self.hub.store.put(adapter, digest=digest)
+        return adapter
+
+    def _artifact(self, downloads: Downloads, repo_id: str, commit: str, subfolder: str | None,
+                  sizes: dict[str, int | None] | None, where: str) -> tuple[Adapter, RemoteCard | None, bool]:
+        """The adapter at ``commit`` (in ``subfolder``), its card and whether the card vouched for its digest;
+        a copy that fails any check is evicted, so the next try downloads afresh."""
+        try:
+            wanted = [f"{subfolder}/{file}" if subfolder else file for file in ARTIFACT_FILES]
+            self._download(downloads, repo_id, commit, wanted, sizes, where)
+            folder = downloads.commit_folder(commit).joinpath(*(subfolder or ".").split("/"))
+            card = read_card(folder / CARD_NAME, where)
+            _check_safetensors_header(folder / WEIGHTS_NAME, where)
+            try:
+                adapter = read_adapter(folder)
+            except InvalidArtifact as exc:
+                raise InvalidArtifact(f"{where}: {exc}") from None
+            return adapter, card, _verify(card, adapter_digest(adapter), where)
+        except HubError:
+            downloads.evict(commit)
+            raise
 
     def _resolve(self, downloads: Downloads, repo_id: str, revision: str,
                  where: str) -> tuple[str, dict[str, int | None] | None]:
