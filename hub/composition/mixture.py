@@ -357,7 +357,7 @@ class MixtureHandle:
         if self._in_gate_pass:
             return
         if self._unpaired is not None:
-            cache = getattr(output, "past_key_values", None)
+            cache = _output_cache(output)
             if cache is not None:
                 self._pair(cache, self._unpaired)
             self._unpaired = None
@@ -389,7 +389,9 @@ class MixtureHandle:
             names = [p.name for p in inspect.signature(decoder.forward).parameters.values() if p.kind in kinds]
             kwargs = {**dict(zip(names, args, strict=False)), **kwargs}
         cache = self._gate_cache(decoder, kwargs)
-        kwargs = {**kwargs, "past_key_values": cache, "use_cache": cache is not None}
+        # The model's cache must not reach the gate pass under either name: the decoder would use (and extend) it.
+        kwargs = {key: value for key, value in kwargs.items() if key not in CACHE_KWARGS}
+        kwargs.update({_cache_kwarg(decoder): cache, "use_cache": cache is not None})
         self._in_gate_pass = True
         try:
             with torch.no_grad(), self.context.routed(self.names, torch.zeros(len(self.names))):
@@ -407,7 +409,7 @@ class MixtureHandle:
             use_cache = getattr(getattr(decoder, "config", None), "use_cache", False)
         if not use_cache:
             return None
-        main = kwargs.get("past_key_values")
+        main = _input_cache(kwargs)
         if main is None or main.get_seq_length() == 0:
             cache = DynamicCache(config=decoder.config)
             if main is None:
@@ -434,3 +436,25 @@ class MixtureHandle:
             cache.reorder_cache(beam_idx)
 
         main.reorder_cache = reorder_both
+
+
+# What a decoder calls its KV cache: ``cache`` since transformers 5.x renamed it (``past_key_values`` is then a
+# deprecated alias, dropped when both are given), ``past_key_values`` before. The same names key its output.
+CACHE_KWARGS = ("cache", "past_key_values")
+
+
+def _cache_kwarg(decoder: nn.Module) -> str:
+    """The name ``decoder.forward`` takes its KV cache under (its signature, through transformers' decorators)."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
+def _input_cache(kwargs: Mapping[str, Any]) -> Any:
+    """The KV cache a decoder call was given, under either name (``cache`` first: it wins when both are set)."""
+    return next((kwargs[name] for name in CACHE_KWARGS if kwargs.get(name) is not None), None)
+
+
+def _output_cache(output: Any) -> Any:
+    """The KV cache a decoder returned (None for a tuple output or no cache)."""
+    if not isinstance(output, Mapping):
+        return None
+    return next((output[name] for name in CACHE_KWARGS if output.get(name) is not None), None)

@@ -72,16 +72,19 @@ class VirtualTokens:
         batch = reference.shape[0]
         prefixes = [e for e in self.entries.values() if e.is_prefix]
         prompts = [e for e in self.entries.values() if not e.is_prefix]
-        cache = kwargs.get("past_key_values")
+        cache_key = _cache_kwarg(module)
+        cache = _pop_cache(kwargs)
         if kwargs.get("use_cache") is False:
             # Without caching, a cache that comes back in is the prefix cache this hook made for the previous call
             # (generate() feeds outputs back): every call starts afresh.
-            cache = kwargs["past_key_values"] = None
+            cache = None
         if cache is not None and not isinstance(cache, Cache):
             raise Incompatible(f"virtual tokens need a transformers Cache, not {type(cache).__name__}")
         first = cache is None or cache.get_seq_length() == 0
         if first and prefixes:
-            kwargs["past_key_values"] = _fill_cache(cache, prefixes, batch, _dtype(module))
+            cache = _fill_cache(cache, prefixes, batch, _dtype(module))
+        if cache is not None:
+            kwargs[cache_key] = cache
         if first and prompts:
             if embeds is None:
                 embeds = module.get_input_embeddings()(input_ids)
@@ -111,6 +114,22 @@ def _as_kwargs(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[s
         names = [p.name for p in inspect.signature(module.forward).parameters.values() if p.kind in kinds]
         merged.update(zip(names, args, strict=False))  # forward(*args) beyond them would fail anyway
     return merged
+
+
+# What a model calls its KV cache argument: ``cache`` since transformers renamed it (``past_key_values`` is then a
+# deprecated alias that is silently dropped when both are given, as generate() always passes ``cache``),
+# ``past_key_values`` before.
+_CACHE_KWARGS = ("cache", "past_key_values")
+
+
+def _cache_kwarg(module: nn.Module) -> str:
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def _pop_cache(kwargs: dict[str, Any]) -> Any:
+    """The cache a call brings under either name (``cache`` first), both names removed from ``kwargs``."""
+    found = [kwargs.pop(key) for key in _CACHE_KWARGS if key in kwargs]
+    return next((c for c in found if c is not None), None)
 
 
 def _dtype(module: nn.Module) -> torch.dtype:
