@@ -80,6 +80,13 @@ def metric_option(texts: tuple[str, ...]) -> list[Any]:
         raise click.BadParameter(str(exc), param_hint="--metric") from None
 
 
+def ascii_number(value: str | None, option: str) -> str | None:
+    """A whole number in ASCII digits (click's int also takes '١' and '1_0'); the registry checks its range."""
+    if value is not None and not (value.isascii() and value.isdigit()):
+        raise click.BadParameter(f"{value!r} is not a whole number", param_hint=option)
+    return value
+
+
 @click.group(cls=HubGroup)
 @click.version_option(package_name="adapter-hub")
 def cli() -> None:
@@ -117,8 +124,10 @@ def register(directory: str, name: str, base: str, metrics: tuple[str, ...], tag
 @click.option("--base", "weights_hash", default=None, help="Base weights_hash.")
 @click.option("--name", default=None, help="Only this adapter's versions.")
 @click.option("--method", default=None)
-@click.option("--min-rank", type=click.IntRange(0, 1 << 31), default=None)
-@click.option("--max-rank", type=click.IntRange(0, 1 << 31), default=None)
+@click.option("--min-rank", default=None, callback=lambda _c, _p, v: ascii_number(v, "--min-rank"),
+              help="Only versions of at least this rank.")
+@click.option("--max-rank", default=None, callback=lambda _c, _p, v: ascii_number(v, "--max-rank"),
+              help="Only versions of at most this rank.")
 @click.option("--where", "where", multiple=True, help="Metric condition such as 'accuracy>=0.8', repeatable.")
 @click.option("--tag", "tags", multiple=True)
 @click.option("--sort", default=None, help="Metric to sort by, best (highest) first; '-METRIC' for lowest first.")
@@ -126,7 +135,7 @@ def register(directory: str, name: str, base: str, metrics: tuple[str, ...], tag
 @click.option("--folders", is_flag=True, help="With --remote ORG/NAME[@REV]: the folders holding an adapter.")
 @click.option("--json", "as_json", is_flag=True)
 def list_(compatible_with: str | None, remote_repo: str | None, weights_hash: str | None, name: str | None,
-          method: str | None, min_rank: int | None, max_rank: int | None, where: tuple[str, ...], tags: tuple[str, ...],
+          method: str | None, min_rank: str | None, max_rank: str | None, where: tuple[str, ...], tags: tuple[str, ...],
           sort: str | None, include_yanked: bool, folders: bool, as_json: bool) -> None:
     """List registered versions, optionally only those compatible with a base."""
     hub = Hub()
@@ -262,6 +271,48 @@ def yank(ref: str, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("ref")
+@click.option("--json", "as_json", is_flag=True)
+def unyank(ref: str, as_json: bool) -> None:
+    """Show a yanked version in lists and @latest again."""
+    version = Hub().unyank(ref)
+    if as_json:
+        print_json(version.to_dict())
+        return
+    click.echo(f"unyanked {version.ref}")
+
+
+@cli.command()
+@click.argument("ref")
+@click.option("--force", is_flag=True, help="Delete even when other versions' lineage names it (their link goes).")
+@click.option("--json", "as_json", is_flag=True)
+def delete(ref: str, force: bool, as_json: bool) -> None:
+    """Delete version REF (NAME@N or NAME@ALIAS) and, when nothing else needs it, its artifact."""
+    report = Hub().delete(ref, force=force)
+    if as_json:
+        print_json(report.to_dict())
+        return
+    click.echo(f"deleted {report.deleted.version.ref} (freed {report.freed_bytes:,} bytes)")
+
+
+@cli.command()
+@click.option("--yes", "remove", is_flag=True, help="Remove what is listed (default: only list it).")
+@click.option("--json", "as_json", is_flag=True)
+def gc(remove: bool, as_json: bool) -> None:
+    """List (or with --yes remove) store entries no version references, abandoned temporary folders and stale
+    download files."""
+    report = Hub().gc(dry_run=not remove)
+    if as_json:
+        print_json(report.to_dict())
+        return
+    for entry in report.entries:
+        click.echo(f"{entry.kind:<9} {entry.size_bytes:>12,}  {entry.path}")
+    verb = "would free" if report.dry_run else "freed"
+    click.echo(f"{len(report.entries)} entries, {verb} {report.size_bytes:,} bytes"
+               f"{'' if not report.dry_run else ' (run with --yes to remove them)'}", err=True)
+
+
+@cli.command()
+@click.argument("ref")
 @click.argument("directory", type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True)
 def export(ref: str, directory: str, as_json: bool) -> None:
@@ -350,9 +401,8 @@ def upgrade(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def current(as_json: bool) -> None:
     """Print the registry database's schema revision."""
-    revision, head = Hub().database_revision()
+    status = Hub().database_status()
     if as_json:
-        print_json({"revision": revision, "head": head, "up_to_date": revision == head})
+        print_json(status.to_dict())
         return
-    state = "up to date" if revision == head else f"head is {head}; run `hub db upgrade`"
-    click.echo(f"{revision or 'empty'} ({state})")
+    click.echo(f"{status.revision or 'empty'} ({status.advice})")

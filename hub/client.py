@@ -24,6 +24,8 @@ from hub.store import Store
 
 if TYPE_CHECKING:
     from hub.data import Example
+    from hub.lifecycle import DeleteReport, GcReport
+    from hub.registry import SchemaStatus
     from hub.remote import PullResult, PushResult
     from hub.remote import Remote as RemoteClient
     from hub.train import Recipe
@@ -49,8 +51,8 @@ class Query:
 
     name: str | None = None
     method: str | None = None
-    min_rank: int | None = None
-    max_rank: int | None = None
+    min_rank: int | str | None = None  # a string must be ASCII digits (what a command line gives)
+    max_rank: int | str | None = None
     where: tuple[str, ...] = ()
     tags: tuple[str, ...] = ()
     sort: str | None = None
@@ -289,6 +291,26 @@ class Hub:
         """Hide a version from lists and ``@latest``; it stays reachable by number and alias."""
         return self.registry.yank(ref)
 
+    def unyank(self, ref: str) -> VersionInfo:
+        """Show a yanked version again (a no-op for one that is not yanked)."""
+        return self.registry.unyank(ref)
+
+    def delete(self, ref: str, *, force: bool = False) -> DeleteReport:
+        """Delete the version ``ref`` (``name@N`` or ``name@alias``, never a bare name) with its metrics, aliases,
+        tags and remote records, then its artifact when nothing else needs it. Its number is never reused.
+        Raises Conflict while another version's lineage names it, unless ``force``."""
+        from hub.lifecycle import delete_version
+
+        return delete_version(self.store, self.registry, ref, force=force)
+
+    def gc(self, *, dry_run: bool = True) -> GcReport:
+        """What nothing needs: store artifacts no version refers to, abandoned staging folders and stale files of
+        the hub's download cache; listed (``dry_run``) or removed. Safe beside concurrent registrations."""
+        from hub.lifecycle import collect_garbage
+
+        return collect_garbage(self.store, self.registry, download_cache=self.settings.cache_dir / "hf",
+                               dry_run=dry_run)
+
     def lineage(self, ref: str) -> list[LineageEdge]:
         """Every ancestor edge of ``ref``, nearest first."""
         return self.registry.lineage(ref)
@@ -460,11 +482,11 @@ class Hub:
 
         return upgrade(self.settings.database_url)
 
-    def database_revision(self) -> tuple[str | None, str]:
-        """(the registry database's schema revision or None when empty, the revision this release writes)."""
-        from hub.registry import current_revision, head_revision
+    def database_status(self) -> SchemaStatus:
+        """The registry database's schema revision against this release's, read without changing anything."""
+        from hub.registry import schema_status
 
-        return current_revision(self.settings.database_url), head_revision()
+        return schema_status(self.settings.database_url)
 
     def fingerprint(self, base: BaseLike) -> Fingerprint:
         if isinstance(base, Fingerprint):

@@ -180,3 +180,32 @@ def test_a_remote_copy_with_other_content_is_refused(
         with pytest.raises(NotFound, match="digest") as error:
             bob.load("date@1")
         assert "\n" not in str(error.value) and other.digest not in bob.store
+
+
+def test_delete_unyank_and_gc_on_hub_and_cli(hub_home: Path, folders: dict[str, Path]) -> None:
+    hub = Hub()
+    first = hub.register(folders["lora4"], name="date", base=folders["base"]).version
+    hub.register(folders["lora8"], name="date", base=folders["base"])
+    hub.yank("date@2")
+    result = run("unyank", "date@2", "--json")
+    assert result.exit_code == 0 and json.loads(result.output)["status"] != "yanked"
+    assert [v.ref for v in hub.list()] == ["date@1", "date@2"]
+
+    # An artifact no version refers to (its registration failed after the store write) is garbage.
+    stray = hub.register(folders["ia3"], name="stray", base=folders["sibling"]).version
+    hub.registry.delete("stray@1")
+    listed = json.loads(run("gc", "--json").output)
+    assert listed["dry_run"] and [e["digest"] for e in listed["entries"] if e["kind"] == "artifact"] == [stray.digest]
+    assert stray.digest in hub.store  # a dry run removes nothing
+
+    result = run("delete", "date@1", "--json")
+    assert result.exit_code == 0
+    report = json.loads(result.output)
+    assert report["freed_bytes"] > 0 and first.digest not in hub.store
+    assert [v.ref for v in hub.list(Query(include_yanked=True))] == ["date@2"]
+
+    removed = hub.gc(dry_run=False)
+    assert [e.digest for e in removed.entries if e.kind == "artifact"] == [stray.digest]
+    assert stray.digest not in hub.store and hub.gc().entries == []
+    # The next version of the line gets a new number: date@1 never comes back meaning other weights.
+    assert hub.register(folders["lora4"], name="date", base=folders["base"]).version.ref == "date@3"

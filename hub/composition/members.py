@@ -185,9 +185,12 @@ def register_composition(
         base = common_base(members)
     # The members' base name (a folder or Hub id), so a composition can be evaluated without naming its base.
     base_name = next((m.base_name for m in members if m.base_name), None) if isinstance(base, Fingerprint) else None
-    if store_members:
-        for member in members:
-            hub.store.put(member.adapter, digest=member.digest)
     lineage = [p for p in (m.parent(strategy, params) for m in members) if p is not None]
-    return hub.register(artifact, name=name, base=base, base_name=base_name, metrics=metrics, tags=tags,
-                        lineage=lineage, description=description, recipe=dict(recipe))
+    # The members' locks are held from their store writes until the composition's version commits: a garbage
+    # collection in between would see them unreferenced.
+    with hub.store.reserve(*(m.digest for m in members if store_members)):
+        if store_members:
+            for member in members:
+                hub.store.put(member.adapter, digest=member.digest)
+        return hub.register(artifact, name=name, base=base, base_name=base_name, metrics=metrics, tags=tags,
+                            lineage=lineage, description=description, recipe=dict(recipe))
