@@ -173,6 +173,7 @@ class Hub:
         a version number chosen elsewhere (a pull keeps the number the publisher gave it).
         """
         adapter = source if isinstance(source, Adapter) else read_adapter(source)
+        _warn_if_not_pushable(name)
         base_fp = self.fingerprint(base) if base is not None else None
         if base_name is None and base is not None and not isinstance(base, Fingerprint):
             base_name = str(base) if isinstance(base, (str, os.PathLike)) else getattr(base, "name_or_path", None)
@@ -492,6 +493,17 @@ class Hub:
         if isinstance(base, Fingerprint):
             return base
         return fingerprint(base, cache_dir=self.settings.cache_dir)
+
+
+def _warn_if_not_pushable(name: str) -> None:
+    """A registry name the Hugging Face Hub would refuse as a repository name is fine here; say so before a push
+    fails on it."""
+    from hub.remote.paths import hub_repo_name_problem
+
+    problem = hub_repo_name_problem(name) if isinstance(name, str) else None
+    if problem:
+        log.warning("the name %r %s, so it cannot be a Hub repository name: push it with --repo ORG/OTHER-NAME",
+                    name, problem)
 
 
 def _metrics(metrics: Mapping[str, float] | Iterable[Metric]) -> list[Metric]:

@@ -209,3 +209,11 @@ def test_delete_unyank_and_gc_on_hub_and_cli(hub_home: Path, folders: dict[str, 
     assert stray.digest not in hub.store and hub.gc().entries == []
     # The next version of the line gets a new number: date@1 never comes back meaning other weights.
     assert hub.register(folders["lora4"], name="date", base=folders["base"]).version.ref == "date@3"
+
+
+def test_register_warns_when_a_name_cannot_be_a_hub_repository(hub_home: Path, folders: dict[str, Path]) -> None:
+    result = run("register", str(folders["lora4"]), "--name", "date--v2", "--base", str(folders["base"]))
+    assert result.exit_code == 0 and result.stdout.startswith("registered date--v2@1")
+    assert "warning: the name 'date--v2' contains '--' or '..'" in result.stderr and "--repo" in result.stderr
+    clean = run("register", str(folders["lora4"]), "--name", "date", "--base", str(folders["base"]))
+    assert clean.exit_code == 0 and "warning" not in clean.stderr
