@@ -173,29 +173,22 @@ class Hub:
         a version number chosen elsewhere (a pull keeps the number the publisher gave it).
         """
         adapter = source if isinstance(source, Adapter) else read_adapter(source)
-        _warn_if_not_pushable(name)
         base_fp = self.fingerprint(base) if base is not None else None
         if base_name is None and base is not None and not isinstance(base, Fingerprint):
             base_name = str(base) if isinstance(base, (str, os.PathLike)) else getattr(base, "name_or_path", None)
         digest = adapter_digest(adapter)
         registry = self.registry  # opened before anything is stored: a database that cannot be opened stores nothing
 
+        fields = dict(digest=digest, spec=adapter.spec, config=adapter.config, size_bytes=adapter.size_bytes,
+                      base=base_fp, base_name=base_name or adapter.spec.base_model, metrics=_metrics(metrics),
+                      tags=tuple(tags), lineage=tuple(lineage), description=description, number=number,
+                      recipe=dict(recipe) if recipe is not None else None)
+        # Checked before anything is stored: a refused registration writes nothing, not even an empty folder.
+        registry.check_registration(name, **fields)
+        _warn_if_not_pushable(name)
+
         def register() -> Registered:
-            return registry.register(
-                name,
-                digest=digest,
-                spec=adapter.spec,
-                config=adapter.config,
-                size_bytes=adapter.size_bytes,
-                base=base_fp,
-                base_name=base_name or adapter.spec.base_model,
-                metrics=_metrics(metrics),
-                tags=tuple(tags),
-                lineage=tuple(lineage),
-                description=description,
-                number=number,
-                recipe=dict(recipe) if recipe is not None else None,
-            )
+            return registry.register(name, **fields)
 
         # Stored and registered under the digest's lock: no clean-up or collection can remove the artifact until
         # the version is committed, and a failure removes an artifact this call added once nothing refers to it.

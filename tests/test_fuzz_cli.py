@@ -50,14 +50,15 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def snapshot(hub: Hub) -> tuple[Any, ...]:
-    """Every row of every registry table, and every file of the store with its size."""
+    """Every row of every registry table, and every file of the store with its size (lock files included)."""
     metadata = MetaData()
     metadata.reflect(hub.registry.engine)
     with hub.registry.engine.connect() as conn:
         rows = {name: sorted(map(repr, conn.execute(select(table)).all()))
                 for name, table in metadata.tables.items() if name != "alembic_version"}
     root = hub.settings.store_dir
-    files = sorted((str(p.relative_to(root)), p.stat().st_size) for p in root.rglob("*")) if root.exists() else []
+    files = sorted((str(p.relative_to(root)), p.stat().st_size) for p in root.rglob("*") if p.is_file()) \
+        if root.exists() else []
     return rows, files
 
 

@@ -154,7 +154,7 @@ class Registry:
 
     # ----------------------------------------------------------------------------------------------- writing
 
-    def register(
+    def check_registration(
         self,
         name: str,
         *,
@@ -170,14 +170,10 @@ class Registry:
         description: str | None = None,
         number: int | None = None,
         recipe: dict[str, Any] | None = None,
-    ) -> Registered:
-        """Record ``digest`` as the next version of ``name``; the same digest again returns the existing version
-        (``created=False``), with any metrics and tags given added to it.
-
-        ``number`` asks for a specific version number (a pull keeps the number the version has upstream); it
-        is a Conflict when another artifact already holds it. Without it, the next number after the highest.
-        ``recipe`` records how the version was made (plain JSON, e.g. a training recipe).
-        """
+    ) -> tuple[list[Metric], list[str], list[Parent]]:
+        """Every check ``register`` makes before it touches the database, with its arguments; the checked metrics,
+        tags and parents. Callers run it before storing anything, so a refused registration writes nothing.
+        Raises QueryError or InvalidArtifact (one line naming the field)."""
         check_name(name)
         if number is not None:
             check_int(number, "version number", minimum=1)
@@ -204,6 +200,36 @@ class Registry:
         revision = config.get("revision") if isinstance(config.get("revision"), str) else None
         if revision:
             check_text(revision, "base revision", REVISION_MAX, spaces=False)
+        return metric_list, tag_list, parents
+
+    def register(
+        self,
+        name: str,
+        *,
+        digest: str,
+        spec: AdapterSpec,
+        config: dict[str, Any],
+        size_bytes: int,
+        base: Fingerprint | None,
+        base_name: str | None,
+        metrics: Iterable[Metric] = (),
+        tags: Iterable[str] = (),
+        lineage: Iterable[Parent] = (),
+        description: str | None = None,
+        number: int | None = None,
+        recipe: dict[str, Any] | None = None,
+    ) -> Registered:
+        """Record ``digest`` as the next version of ``name``; the same digest again returns the existing version
+        (``created=False``), with any metrics and tags given added to it.
+
+        ``number`` asks for a specific version number (a pull keeps the number the version has upstream); it
+        is a Conflict when another artifact already holds it. Without it, the next number after the highest.
+        ``recipe`` records how the version was made (plain JSON, e.g. a training recipe).
+        """
+        metric_list, tag_list, parents = self.check_registration(
+            name, digest=digest, spec=spec, config=config, size_bytes=size_bytes, base=base, base_name=base_name,
+            metrics=metrics, tags=tags, lineage=lineage, description=description, number=number, recipe=recipe)
+        revision = config.get("revision") if isinstance(config.get("revision"), str) else None
 
         def work(conn: Connection) -> Registered:
             adapter_id = self._lock_adapter(conn, name, description)
