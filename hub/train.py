@@ -11,12 +11,11 @@ with a rank-8 LoRA in about a minute.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -28,30 +27,10 @@ from tqdm.auto import tqdm
 from hub.data import Encoded, Example, collate, context_length, encode
 from hub.errors import InvalidArtifact
 from hub.formats import Adapter
-from hub.methods import bitfit, bottleneck, ia3, ln_tuning, loha, lokr, lora, prefix_tuning, prompt_tuning
+from hub.methods import trainer
 from hub.runtime import attach, place
 
-# Per method: its fresh-adapter constructor (Recipe.method "dora" is LoRA with use_dora).
-CONSTRUCTORS: dict[str, Callable[..., Adapter]] = {
-    "lora": lora.new_adapter,
-    "dora": lora.new_adapter,
-    "loha": loha.new_adapter,
-    "lokr": lokr.new_adapter,
-    "ia3": ia3.new_adapter,
-    "prompt_tuning": prompt_tuning.new_adapter,
-    "prefix_tuning": prefix_tuning.new_adapter,
-    "bottleneck": bottleneck.new_adapter,
-    "bitfit": bitfit.new_adapter,
-    "ln_tuning": ln_tuning.new_adapter,
-}
-# Per method: its default peak learning rate (soft prompts and scaling vectors need larger steps than low-rank
-# factors). Measured with the default 12 steps on SmolLM2-135M-nf4, date task, 30 test examples
-# (bench/bench_train_tasks.py): LoRA, DoRA, LoHa, LoKr, bottleneck, BitFit and LN tuning reach exact match 1.00, IA3
-# 0.97. LoHa and LoKr at 0.1 and IA3 at 0.3 diverge; at 2e-2 the three reach only 0.03-0.33. The soft prompts need
-# about 60 steps: then prompt tuning reaches 0.80 (0.40 at lr 0.1), prefix tuning 0.87 (0.00 at lr 3e-2).
-DEFAULT_LR = {"lora": 5e-3, "dora": 5e-3, "loha": 3e-2, "lokr": 5e-2, "ia3": 0.1, "prompt_tuning": 0.3,
-              "prefix_tuning": 1e-2, "bottleneck": 2e-3, "bitfit": 5e-3, "ln_tuning": 5e-3}
-# Recipe fields a constructor takes when its signature has them.
+# Recipe fields a method's new_adapter takes when it has them.
 LOW_RANK = ("rank", "alpha")
 
 
@@ -60,13 +39,15 @@ class Recipe:
     """Everything that determines a training run; recorded with the registered version (``to_dict``).
 
     ``targets``: module names to adapt (None: the method's default, the attention projections for the LoRA family).
-    ``rank``/``alpha`` apply to the low-rank methods; ``options`` holds the method's other constructor arguments
+    ``method`` is a recipe name of the method table (``hub.methods.table.trainer``: ``lora``, ``dora`` = LoRA with
+    use_dora, ``loha``...). ``rank``/``alpha`` apply to the low-rank methods (rank None: the method's default, which
+    modules too small to hold it lower); ``options`` holds the method's other ``new_adapter`` arguments
     (``use_rslora``, ``dropout``, ``num_virtual_tokens``, ``bottleneck_size``, ``feedforward``, ...).
-    ``lr`` None takes the method's default (``DEFAULT_LR``); the recorded recipe holds the value used.
+    ``lr`` None takes the method's default (``Method.default_lr``); the recorded recipe holds the value used.
     """
 
     method: str = "lora"
-    rank: int = 8
+    rank: int | None = None
     alpha: float = 16.0
     targets: tuple[str, ...] | None = None
     # The defaults teach SmolLM2-135M each built-in task (exact match >= 0.9) in about a minute on one CPU core.
@@ -81,8 +62,7 @@ class Recipe:
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.method not in CONSTRUCTORS:
-            raise InvalidArtifact(f"cannot train method {self.method!r} (trainable: {', '.join(CONSTRUCTORS)})")
+        method, implied = trainer(self.method)
         for name in ("steps", "batch_size", "grad_accum"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise InvalidArtifact(f"recipe {name} must be a positive integer, not {getattr(self, name)!r}")
@@ -94,10 +74,9 @@ class Recipe:
         if self.targets is not None:
             object.__setattr__(self, "targets", tuple(self.targets))
         if self.lr is None:
-            object.__setattr__(self, "lr", DEFAULT_LR[self.method])
+            object.__setattr__(self, "lr", method.default_lr)
         object.__setattr__(self, "options", dict(self.options))
-        accepted = set(inspect.signature(CONSTRUCTORS[self.method]).parameters) - {"model", "tokenizer", "seed",
-                                                                                    *LOW_RANK, "targets", "use_dora"}
+        accepted = set(method.option_names()) - {"tokenizer", "seed", *LOW_RANK, "targets", *implied}
         unknown = sorted(set(self.options) - accepted)
         if unknown:
             raise InvalidArtifact(
@@ -134,9 +113,9 @@ class TrainResult:
 
 def new_adapter(model: nn.Module, recipe: Recipe, *, tokenizer: Any = None) -> Adapter:
     """A fresh adapter of ``recipe.method`` for ``model``, initialized as PEFT does, from ``recipe.seed``."""
-    constructor = CONSTRUCTORS[recipe.method]
-    takes = inspect.signature(constructor).parameters
-    kwargs: dict[str, Any] = dict(recipe.options)
+    method, implied = trainer(recipe.method)
+    takes = set(method.option_names())
+    kwargs: dict[str, Any] = {**recipe.options, **implied}
     if "seed" in takes:
         kwargs["seed"] = recipe.seed
     if "tokenizer" in takes:
@@ -144,11 +123,9 @@ def new_adapter(model: nn.Module, recipe: Recipe, *, tokenizer: Any = None) -> A
     if recipe.targets is not None:
         kwargs["targets"] = recipe.targets
     for name in LOW_RANK:
-        if name in takes:
+        if name in takes and getattr(recipe, name) is not None:
             kwargs[name] = getattr(recipe, name)
-    if recipe.method == "dora":
-        kwargs["use_dora"] = True
-    return constructor(model, **kwargs)
+    return method.new_adapter(model, **kwargs)
 
 
 def train(

@@ -83,7 +83,8 @@ CASES: dict[str, tuple[Callable[[], Any], dict[str, Any]]] = {
     "rslora": (lambda: LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=ATTN),
                dict(method="lora", rank=4, alpha=8.0, targets=("q_proj", "v_proj"), options={"use_rslora": True})),
     "dora": (lambda: LoraConfig(r=4, lora_alpha=16, use_dora=True, target_modules=["q_proj", "down_proj"]),
-             dict(method="lora", rank=4, alpha=16.0, targets=("down_proj", "q_proj"), options={"use_dora": True})),
+             # DoRA is recorded under its own name (issue #9: `hub list --method dora` finds it).
+             dict(method="dora", rank=4, alpha=16.0, targets=("down_proj", "q_proj"), options={"use_dora": True})),
     "lora_patterns": (
         lambda: LoraConfig(r=4, lora_alpha=8, rank_pattern={"q_proj": 6}, alpha_pattern={"v_proj": 3},
                            target_modules=ATTN, layers_to_transform=[1], layers_pattern="layers"),
@@ -349,7 +350,8 @@ BAD_FOLDERS: dict[str, tuple[str, Callable[[Path], None], str]] = {
     "config not an object": ("lora", lambda f: (f / CONFIG_NAME).write_text("[1, 2]"), "must hold a JSON object"),
     "config a folder": ("lora", lambda f: ((f / CONFIG_NAME).unlink(), (f / CONFIG_NAME).mkdir()), "cannot read"),
     "no peft_type": ("lora", set_config(peft_type=None), "has no peft_type"),
-    "unknown peft_type": ("lora", set_config(peft_type="VERA"), "unknown adapter method 'VERA'"),
+    "unknown peft_type": ("lora", set_config(peft_type="NOT_A_PEFT_TYPE"),
+                          "unknown adapter method 'NOT_A_PEFT_TYPE'"),
     "lora rank": ("lora", set_config(r=8), "tensors have rank 4 but the config says r=8"),
     "lora rank_pattern": ("lora_patterns", set_config(rank_pattern={"q_proj": 5}), "the config says r=5"),
     "lora A/B do not chain": ("lora", set_tensor("lora_B", lambda t: t[:, :3].contiguous()), "do not chain"),

@@ -372,7 +372,6 @@ def test_adapters_of_different_bases_are_refused(make):
 
 @pytest.mark.parametrize(("second", "message"), [
     (LoraConfig(r=2, target_modules=["q_proj"], use_dora=True, init_lora_weights=False), "DoRA"),
-    (LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]), "not a lora delta"),
     (IA3Config(target_modules=["k_proj"], feedforward_modules=[]), "stack these adapters"),
     (PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), "stack these adapters"),
 ])

@@ -23,7 +23,7 @@ from hub.evaluate import evaluate
 from hub.fingerprint import fingerprint
 from hub.formats import adapter_digest, read_adapter, write_adapter
 from hub.runtime import attach, load_base
-from hub.runtime.layers import base_weight, sites
+from hub.sites import base_weight, sites
 from hub.train import Recipe, completion_loss, new_adapter, train
 
 warnings.filterwarnings("ignore", message=".*(Merge|Unmerge|right-padding|CUDA extension).*")

@@ -35,33 +35,15 @@ import torch
 
 from hub.composition.lowrank import factor_dense, truncate_product
 from hub.errors import Incompatible
-from hub.formats import Adapter, adapter_digest, pattern_value, validate
-from hub.formats.peft import KEY_PREFIX, split_key
+from hub.formats import Adapter, adapter_digest, validate
+from hub.formats.peft import KEY_PREFIX
+from hub.methods import all_methods
+from hub.methods.base import PEFT_DEFAULT_R, Term, common_dtype, common_value
 
 STRATEGIES = ("exact", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 PRUNING_STRATEGIES = frozenset({"ties", "dare_linear", "dare_ties", "magnitude_prune"})
 SIGN_ELECTING = frozenset({"ties", "dare_ties"})
 MAJORITY_SIGNS = ("total", "frequency")
-LOW_RANK_METHODS = frozenset({"lora", "adalora", "loha", "lokr"})
-SUMMED_PROMPT_METHODS = frozenset({"prompt_tuning", "p_tuning"})
-# PEFT's defaults for r and alpha (LoraConfig, LoHaConfig, LoKrConfig) when a config omits them.
-PEFT_DEFAULT_R = 8
-PEFT_DEFAULT_ALPHA = 8
-
-# LoRA options under which a module's effect is not B·A·scaling, so it cannot enter a sum of deltas.
-LORA_VARIANTS = {
-    "use_dora": "DoRA renormalizes by the base weight's column norms, so a sum of DoRA deltas is not a LoRA",
-    "alora_invocation_tokens": "aLoRA acts only after its invocation tokens",
-    "use_qalora": "QALoRA pools its inputs by groups",
-    "use_bdlora": "BD-LoRA's block-diagonal factors",
-    "arrow_config": "Arrow routes between LoRA experts per token",
-    "kasa_config": "KaSA depends on the base weight's singular values",
-    "monteclora_config": "MonteCLoRA samples its factors",
-    "layer_replication": "layer replication changes the model's layers",
-    "target_parameters": "it targets nn.Parameters rather than modules",
-}
-# init_lora_weights values that rewrite the base weights: an unconverted adapter is a delta from that other base.
-BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 # PEFT saves an adapted embedding's base layer beside its factors (save_embedding_layers, for resized vocabularies).
 BASE_COPY = ".base_layer."
 
@@ -76,20 +58,6 @@ class MergeResult:
 
     adapter: Adapter
     recipe: dict[str, Any]
-
-
-@dataclass
-class _Term:
-    """A delta at one module (one adapter's, or the merged one): ΔW = b @ a, scaling folded into a, plus a LoRA bias."""
-
-    b: torch.Tensor
-    a: torch.Tensor
-    bias: torch.Tensor | None
-    embedding: bool
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.b.shape[0], self.a.shape[1])
 
 
 def merge(
@@ -119,21 +87,22 @@ def merge(
     seed = int(seed)
     for adapter in adapters:
         validate(adapter)
-    methods = [adapter.method for adapter in adapters]
-    if set(methods) <= LOW_RANK_METHODS:
-        if strategy == "svd" and rank is None:
-            rank = _default_svd_rank(adapters)
-        merged = _merge_low_rank(adapters, weight_list, strategy, rank, density, majority_sign, seed)
-    elif set(methods) == {"ia3"}:
-        _require_plain_sum(strategy, rank, density, "IA3")
-        merged = _merge_ia3(adapters, weight_list)
-    elif len(set(methods)) == 1 and methods[0] in SUMMED_PROMPT_METHODS:
-        _require_plain_sum(strategy, rank, density, methods[0])
-        merged = _merge_prompts(adapters, weight_list)
+    kinds = [adapter.kind for adapter in adapters]
+    if all(kind.low_rank for kind in kinds):
+        # svd's default rank is PEFT's, the largest input rank; each module keeps at most what it can hold.
+        svd_rank = max(a.spec.rank or PEFT_DEFAULT_R for a in adapters) if strategy == "svd" and rank is None else rank
+        merged = _merge_low_rank(adapters, weight_list, strategy, svd_rank, density, majority_sign, seed,
+                                 explicit_rank=rank is not None)
+    elif len(set(kinds)) == 1 and kinds[0].summable:
+        _require_plain_sum(strategy, rank, density, kinds[0].name)
+        merged = kinds[0].weighted_sum(adapters, weight_list)
     else:
+        methods = [adapter.method for adapter in adapters]
+        low_rank = ", ".join(sorted({m.name for m in all_methods() if m.low_rank}))
+        same = ", ".join(sorted({m.name for m in all_methods() if m.summable and not m.low_rank}))
         raise Incompatible(
-            f"cannot merge {' + '.join(methods)}: weighted sums exist for LoRA/LoHa/LoKr together, IA3 with IA3, and "
-            "prompt tuning or P-tuning with the same method; stack these adapters instead"
+            f"cannot merge {' + '.join(methods)}: weighted sums exist for {low_rank} together, and for {same} each"
+            " with its own method; stack these adapters instead"
         )
     recipe = {
         "strategy": strategy,
@@ -194,42 +163,26 @@ def _require_plain_sum(strategy: str, rank: int | None, density: float | None, w
         raise Incompatible(f"{what} adapters merge only by their exact weighted sum: strategy='exact', no rank/density")
 
 
-def _check_only_module_tensors(adapter: Adapter, index: int, *, allow_base_copies: bool = False) -> None:
-    # modules_to_save copies, trainable tokens and bias="all" biases replace base tensors: they are not deltas.
-    for key in adapter.tensors:
-        if split_key(adapter.method, key) is None and not (allow_base_copies and BASE_COPY in key):
-            raise Incompatible(
-                f"adapter #{index} carries {key}, which is not a {adapter.method} delta (modules_to_save, trainable "
-                "tokens or biases replace base weights and cannot be summed); stack it instead"
-            )
-
-
-def _common(adapters: list[Adapter], key: str) -> Any:
-    values = {adapter.config.get(key) for adapter in adapters} - {None}
-    if len(values) > 1:
-        raise Incompatible(f"the adapters disagree on {key} ({', '.join(sorted(map(str, values)))})")
-    return values.pop() if values else None
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# LoRA / LoHa / LoKr
+# Low-rank methods (LoRA, AdaLoRA, LoHa, LoKr): factor pairs from each method's merge_terms
 
 
 def _merge_low_rank(adapters: list[Adapter], weights: list[float], strategy: str, rank: int | None,
-                    density: float | None, majority_sign: str, seed: int) -> Adapter:
-    dtype = _common_dtype(adapters)
+                    density: float | None, majority_sign: str, seed: int, *, explicit_rank: bool) -> Adapter:
+    """The low-rank sum; a rank the user gave (``explicit_rank``) that no module can reach is refused, a default
+    one is capped per module."""
+    dtype = common_dtype(adapters)
     # Scalings, sums and factorizations run in at least float32, whatever the inputs' precision.
     work = torch.promote_types(dtype, torch.float32)
-    by_module: dict[str, list[tuple[int, _Term]]] = {}
+    by_module: dict[str, list[tuple[int, Term]]] = {}
     for index, adapter in enumerate(adapters):
-        _check_only_module_tensors(adapter, index, allow_base_copies=True)
         for path, term in _terms(adapter, index, work).items():
             by_module.setdefault(path, []).append((index, term))
-    base_copies = _base_copies(adapters)
+    carried = _carried(adapters)
     for path, terms in by_module.items():
         _check_same_layout(path, terms)
 
-    if strategy == "svd":
+    if strategy == "svd" and explicit_rank:
         reachable = max(min(sum(t.a.shape[0] for _, t in terms), *terms[0][1].shape) for terms in by_module.values())
         if rank > reachable:
             raise Incompatible(
@@ -241,7 +194,7 @@ def _merge_low_rank(adapters: list[Adapter], weights: list[float], strategy: str
 
     prune_generator = torch.Generator().manual_seed(seed)
     sketch_generator = torch.Generator().manual_seed(seed)
-    merged: dict[str, _Term] = {}
+    merged: dict[str, Term] = {}
     # Sorted order fixes which random numbers each module's DARE mask uses, so a seed reproduces the merge.
     for path in sorted(by_module):
         terms = [(weights[i], term) for i, term in by_module[path]]
@@ -254,122 +207,47 @@ def _merge_low_rank(adapters: list[Adapter], weights: list[float], strategy: str
     if not merged:
         raise Incompatible("every adapter with a non-zero weight is empty: nothing to merge")
     merged_adapter = _lora_adapter(adapters, merged, dtype)
-    merged_adapter.tensors.update(base_copies)
+    merged_adapter.tensors.update(carried)
+    saved = sorted({name for adapter in adapters for name in adapter.config.get("modules_to_save") or ()})
+    if saved:
+        merged_adapter = Adapter(config={**merged_adapter.config, "modules_to_save": saved},
+                                 tensors=merged_adapter.tensors)
     return merged_adapter
 
 
-def _base_copies(adapters: list[Adapter]) -> dict[str, torch.Tensor]:
-    """The saved base layers, kept as they are: loading the inputs together in PEFT applies them the same way."""
+def _carried(adapters: list[Adapter]) -> dict[str, torch.Tensor]:
+    """The tensors that are not deltas, kept as they are: saved base layers (they must agree) and whole modules an
+    adapter replaces (modules_to_save, e.g. a retrained head). As in PEFT, at most one adapter may replace a given
+    module: the sum of two heads has no meaning."""
     copies: dict[str, tuple[int, torch.Tensor]] = {}
     for index, adapter in enumerate(adapters):
         for key, tensor in adapter.tensors.items():
-            if BASE_COPY not in key:
+            if adapter.kind.split_key(key) is not None:
                 continue
             if key in copies and not torch.equal(copies[key][1], tensor):
+                module = key.removeprefix(KEY_PREFIX).rsplit(".", 1)[0]
+                if BASE_COPY in key:
+                    raise Incompatible(
+                        f"adapters #{copies[key][0]} and #{index} carry different copies of base weight {key} (a "
+                        "resized vocabulary?): they do not share a base"
+                    )
                 raise Incompatible(
-                    f"adapters #{copies[key][0]} and #{index} carry different copies of base weight {key} (a resized "
-                    "vocabulary?): they do not share a base"
+                    f"adapters #{copies[key][0]} and #{index} each replace {module} with their own trained copy"
+                    " (modules_to_save): a weighted sum of two such modules has no meaning; stack them, or sum"
+                    " adapters where at most one carries it"
                 )
             copies.setdefault(key, (index, tensor))
     return {key: tensor for key, (_, tensor) in copies.items()}
 
 
-def _terms(adapter: Adapter, index: int, work: torch.dtype) -> dict[str, _Term]:
-    config = adapter.config
-    if adapter.method == "adalora":
-        return _adalora_terms(adapter, work)
-    if adapter.method == "lora":
-        _refuse_lora_variants(config, index)
-    default_r = config.get("r") or PEFT_DEFAULT_R
-    alpha_key = "lora_alpha" if adapter.method == "lora" else "alpha"
-    default_alpha = config.get(alpha_key)
-    default_alpha = PEFT_DEFAULT_ALPHA if default_alpha is None else default_alpha
-    terms = {}
-    for path, params in adapter.modules().items():
-        params = {name: tensor.to(work) for name, tensor in params.items()}
-        r = pattern_value(config.get("rank_pattern"), path, default_r)
-        alpha = pattern_value(config.get("alpha_pattern"), path, default_alpha)
-        rslora = adapter.method == "lora" and config.get("use_rslora")
-        scale = alpha / math.sqrt(r) if rslora else alpha / r
-        if adapter.method == "lora":
-            terms[path] = _lora_term(params, scale)
-        elif adapter.method == "loha":
-            terms[path] = _loha_term(path, params, scale)
-        else:
-            terms[path] = _lokr_term(path, params, scale)
-    return terms
+def _terms(adapter: Adapter, index: int, work: torch.dtype) -> dict[str, Term]:
+    try:
+        return adapter.kind.merge_terms(adapter, work)
+    except Incompatible as exc:
+        raise Incompatible(f"adapter #{index}: {exc}") from None
 
 
-def _adalora_terms(adapter: Adapter, work: torch.dtype) -> dict[str, _Term]:
-    # PEFT's AdaLoRA scales by alpha / (ranknum + 1e-5) with ranknum = init_r for every module, even after the
-    # budget cut a module's tensors to fewer ranks (and by the module's rank when lora_alpha <= 0).
-    alpha = float(adapter.config.get("lora_alpha", PEFT_DEFAULT_ALPHA))
-    init_r = adapter.config.get("init_r", adapter.config.get("r")) or PEFT_DEFAULT_R
-    terms = {}
-    for path, params in adapter.modules().items():
-        a, e, b = (params[name].to(work) for name in ("lora_A", "lora_E", "lora_B"))
-        if a.shape[0] == 0:
-            continue  # the budget pruned every rank of this module
-        scale = (alpha if alpha > 0 else a.shape[0]) / (init_r + 1e-5)
-        terms[path] = _Term(b=b, a=(a * e) * scale, bias=None, embedding=False)
-    return terms
-
-
-def _refuse_lora_variants(config: dict[str, Any], index: int) -> None:
-    for option, reason in LORA_VARIANTS.items():
-        if config.get(option):
-            raise Incompatible(
-                f"adapter #{index} uses {option} ({reason}): its delta is not B·A·scaling, so it cannot be merged; "
-                "stack it instead"
-            )
-    init = config.get("init_lora_weights")
-    if isinstance(init, str) and init.lower().startswith(BASE_MODIFYING_INITS):
-        raise Incompatible(
-            f"adapter #{index} was initialized with {init!r}, which rewrites the base weights, and was saved without "
-            "converting it back (path_initial_model_for_weight_conversion): its delta is not from the shared base"
-        )
-
-
-def _lora_term(params: dict[str, torch.Tensor], scale: float) -> _Term:
-    embedding = "lora_embedding_A" in params
-    a = params["lora_embedding_A" if embedding else "lora_A.weight"]
-    b = params["lora_embedding_B" if embedding else "lora_B.weight"]
-    bias = params.get("lora_B.bias")
-    # PEFT scales lora_B's bias along with its output: lora_B(lora_A(x)) * scaling.
-    return _Term(b=b, a=a * scale, bias=None if bias is None else bias * scale, embedding=embedding)
-
-
-def _loha_term(path: str, params: dict[str, torch.Tensor], scale: float) -> _Term:
-    names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
-    if "hada_t1" in params or any(name not in params or params[name].dim() != 2 for name in names):
-        raise Incompatible(f"LoHa module {path} is convolutional (CP-decomposed); only linear modules can be merged")
-    w1a, w1b, w2a, w2b = (params[name] for name in names)
-    # (w1a·w1b) ⊙ (w2a·w2b) = B·A with B[i, (p,q)] = w1a[i,p]·w2a[i,q] and A[(p,q), j] = w1b[p,j]·w2b[q,j].
-    b = (w1a[:, :, None] * w2a[:, None, :]).reshape(w1a.shape[0], -1)
-    a = (w1b[:, None, :] * w2b[None, :, :]).reshape(-1, w1b.shape[1])
-    return _Term(b=b, a=a * scale, bias=None, embedding=False)
-
-
-def _lokr_term(path: str, params: dict[str, torch.Tensor], scale: float) -> _Term:
-    if "lokr_t2" in params or any(tensor.dim() != 2 for tensor in params.values()):
-        raise Incompatible(f"LoKr module {path} is convolutional; only linear modules can be merged")
-    u1, v1 = _factor_pair(params, "lokr_w1")
-    u2, v2 = _factor_pair(params, "lokr_w2")
-    # Mixed-product property: kron(U1·V1, U2·V2) = kron(U1, U2)·kron(V1, V2).
-    return _Term(b=torch.kron(u1, u2), a=torch.kron(v1, v2) * scale, bias=None, embedding=False)
-
-
-def _factor_pair(params: dict[str, torch.Tensor], name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if name in params:
-        full = params[name]
-        rows, cols = full.shape
-        eye = torch.eye(min(rows, cols), dtype=full.dtype)
-        # A full matrix W is W·I or I·W, whichever has the smaller inner dimension.
-        return (full, eye) if cols <= rows else (eye, full)
-    return params[f"{name}_a"], params[f"{name}_b"]
-
-
-def _check_same_layout(path: str, terms: list[tuple[int, _Term]]) -> None:
+def _check_same_layout(path: str, terms: list[tuple[int, Term]]) -> None:
     first_index, first = terms[0]
     for index, term in terms[1:]:
         if term.shape != first.shape or term.embedding != first.embedding:
@@ -379,25 +257,11 @@ def _check_same_layout(path: str, terms: list[tuple[int, _Term]]) -> None:
             )
 
 
-def _describe(term: _Term) -> str:
+def _describe(term: Term) -> str:
     return f"{'an embedding' if term.embedding else 'a linear'} {term.shape[0]}×{term.shape[1]}"
 
 
-def _common_dtype(adapters: list[Adapter]) -> torch.dtype:
-    dtype = None
-    for adapter in adapters:
-        for tensor in adapter.tensors.values():
-            if tensor.is_floating_point():
-                dtype = tensor.dtype if dtype is None else torch.promote_types(dtype, tensor.dtype)
-    return dtype or torch.float32
-
-
-def _default_svd_rank(adapters: list[Adapter]) -> int:
-    # PEFT's default for its svd combination: the largest input rank.
-    return max(adapter.spec.rank or PEFT_DEFAULT_R for adapter in adapters)
-
-
-def _sum_factored(terms: list[tuple[float, _Term]], strategy: str, rank: int | None) -> _Term | None:
+def _sum_factored(terms: list[tuple[float, Term]], strategy: str, rank: int | None) -> Term | None:
     live = [(weight, term) for weight, term in terms if weight != 0]
     if not live:
         return None
@@ -412,12 +276,12 @@ def _sum_factored(terms: list[tuple[float, _Term]], strategy: str, rank: int | N
         b, a = truncate_product(b, a, full)
     biases = [weight * term.bias for weight, term in live if term.bias is not None]
     bias = torch.stack(biases).sum(0) if biases else None
-    return _Term(b=b, a=a, bias=bias, embedding=first.embedding)
+    return Term(b=b, a=a, bias=bias, embedding=first.embedding)
 
 
-def _sum_dense(terms: list[tuple[float, _Term]], strategy: str, rank: int | None, density: float,
+def _sum_dense(terms: list[tuple[float, Term]], strategy: str, rank: int | None, density: float,
                majority_sign: str, prune_generator: torch.Generator,
-               sketch_generator: torch.Generator) -> _Term | None:
+               sketch_generator: torch.Generator) -> Term | None:
     if not any(weight for weight, _ in terms):
         return None
     first = terms[0][1]
@@ -437,7 +301,7 @@ def _sum_dense(terms: list[tuple[float, _Term]], strategy: str, rank: int | None
         total = weighted.sum(0)
     target = rank if rank is not None else sum(term.a.shape[0] for _, term in terms)
     b, a = factor_dense(total, min(target, *first.shape), generator=sketch_generator)
-    return _Term(b=b, a=a, bias=None, embedding=first.embedding)
+    return Term(b=b, a=a, bias=None, embedding=first.embedding)
 
 
 def _magnitude_prune(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -457,7 +321,7 @@ def _random_prune(delta: torch.Tensor, density: float, generator: torch.Generato
     return delta * mask / density
 
 
-def _lora_adapter(adapters: list[Adapter], merged: dict[str, _Term], dtype: torch.dtype) -> Adapter:
+def _lora_adapter(adapters: list[Adapter], merged: dict[str, Term], dtype: torch.dtype) -> Adapter:
     ranks = {path: factors.a.shape[0] for path, factors in merged.items()}
     top = max(ranks.values())
     lora_bias = any(factors.bias is not None for factors in merged.values())
@@ -478,10 +342,9 @@ def _lora_adapter(adapters: list[Adapter], merged: dict[str, _Term], dtype: torc
     # alpha = rank everywhere makes every module's scaling exactly 1. Pattern keys are regexes matched against the
     # end of the module path, so the paths are escaped.
     pattern = {re.escape(path): r for path, r in sorted(ranks.items()) if r != top}
-    lora_adapters = [adapter for adapter in adapters if adapter.method == "lora"]
     config: dict[str, Any] = {
         "peft_type": "LORA",
-        "task_type": _common(adapters, "task_type"),
+        "task_type": common_value(adapters, "task_type"),
         "base_model_name_or_path": adapters[0].config.get("base_model_name_or_path"),
         "revision": adapters[0].config.get("revision"),
         "r": top,
@@ -495,56 +358,8 @@ def _lora_adapter(adapters: list[Adapter], merged: dict[str, _Term], dtype: torc
         "lora_bias": lora_bias,
         "lora_dropout": 0.0,
         "bias": "none",
-        "fan_in_fan_out": bool(_common(lora_adapters, "fan_in_fan_out")),
+        "fan_in_fan_out": bool(common_value(adapters, "fan_in_fan_out")),
         "init_lora_weights": True,
         "inference_mode": True,
     }
     return Adapter(config=config, tensors=tensors)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# IA3 and prompts
-
-
-def _merge_ia3(adapters: list[Adapter], weights: list[float]) -> Adapter:
-    for index, adapter in enumerate(adapters):
-        _check_only_module_tensors(adapter, index)
-    first = adapters[0]
-    layout = {key: tuple(tensor.shape) for key, tensor in first.tensors.items()}
-    for index, adapter in enumerate(adapters[1:], start=1):
-        other = {key: tuple(tensor.shape) for key, tensor in adapter.tensors.items()}
-        if other != layout:
-            differing = sorted(set(layout) ^ set(other)) or sorted(k for k in layout if layout[k] != other[k])
-            raise Incompatible(
-                f"IA3 adapters #0 and #{index} differ at {differing[0]}: they must scale the same modules with the "
-                "same shapes (a missing IA3 vector means 1, not 0, so the sum would be ambiguous); stack them instead"
-            )
-    _common(adapters, "task_type")
-    dtype = _common_dtype(adapters)
-    work = torch.promote_types(dtype, torch.float32)
-    tensors = {
-        key: sum(w * adapter.tensors[key].to(work) for w, adapter in zip(weights, adapters, strict=True)).to(dtype)
-        for key in first.tensors
-    }
-    return Adapter(config={**first.config, "inference_mode": True}, tensors=tensors)
-
-
-def _merge_prompts(adapters: list[Adapter], weights: list[float]) -> Adapter:
-    first = adapters[0]
-    shape = tuple(first.tensors["prompt_embeddings"].shape)
-    for index, adapter in enumerate(adapters[1:], start=1):
-        other = tuple(adapter.tensors["prompt_embeddings"].shape)
-        if other != shape:
-            raise Incompatible(
-                f"prompt embeddings of adapter #0 are {shape[0]}×{shape[1]} but #{index}'s are {other[0]}×{other[1]}: "
-                "only prompts of the same length and width can be summed; stack them instead"
-            )
-    _common(adapters, "task_type")
-    dtype = _common_dtype(adapters)
-    work = torch.promote_types(dtype, torch.float32)
-    total = sum(w * adapter.tensors["prompt_embeddings"].to(work) for w, adapter in zip(weights, adapters, strict=True))
-    config = {**first.config, "inference_mode": True}
-    if config.get("peft_type", "").upper() == "PROMPT_TUNING":
-        # The embeddings are loaded from the file: a TEXT init would make PEFT fetch a tokenizer for nothing.
-        config.update(prompt_tuning_init="RANDOM", prompt_tuning_init_text=None)
-    return Adapter(config=config, tensors={"prompt_embeddings": total.to(dtype)})

@@ -11,8 +11,9 @@ Generation with the KV cache: the layerwise router needs nothing (a token's gate
 The two-pass router keeps a second KV cache for its gate pass, paired with the model's and reordered with it
 (beam search); strategies that crop the model's cache (assisted decoding) are refused with a clear error.
 
-Limits: experts must adapt modules inside the decoder layers (``SITE_METHODS``; stack anything else beside the
-mixture); one mixture per model at a time, and while its forward runs it owns the gate context.
+Limits: experts must adapt modules inside the decoder layers (methods with ``mixture_expert`` in the method
+table; stack anything else beside the mixture); one mixture per model at a time, and while its forward runs it
+owns the gate context.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from hub.composition.router import RouterConfig, build_gate, gate, gate_tensors,
 from hub.errors import Conflict, Incompatible, InvalidArtifact
 from hub.formats import Adapter
 from hub.formats.composition import MIXTURE_TYPE
+from hub.methods import all_methods
 from hub.registry import Metric, Registered
 
 if TYPE_CHECKING:
@@ -40,8 +42,6 @@ if TYPE_CHECKING:
     from hub.fingerprint import Fingerprint
     from hub.runtime import StackHandle
 
-# Methods that live at linear/embedding sites, where a per-token gate scales (or interpolates) their effect.
-SITE_METHODS = frozenset({"lora", "adalora", "loha", "lokr", "ia3", "oft", "boft"})
 MIXTURE_ATTR = "hub_mixture"
 
 
@@ -72,10 +72,11 @@ class Mixture:
         check_distinct(self.experts, "mixture")
         common_base(self.experts)
         for expert in self.experts:
-            if expert.adapter.method not in SITE_METHODS:
+            if not expert.adapter.kind.mixture_expert:
+                experts = ", ".join(sorted(m.name for m in all_methods() if m.mixture_expert))
                 raise Incompatible(
                     f"{expert.label} is a {expert.adapter.method} adapter; mixture experts must be one of "
-                    f"{', '.join(sorted(SITE_METHODS))} (gated per token at their layers): stack it instead"
+                    f"{experts} (gated per token at their layers): stack it instead"
                 )
         self.router.check(len(self.experts))
 
@@ -190,7 +191,7 @@ class Mixture:
 
         from hub.data import collate, context_length, encode
         from hub.runtime import place
-        from hub.runtime.layers import disable_cpu_repacking
+        from hub.sites import disable_cpu_repacking
 
         if not examples:
             raise InvalidArtifact("the training set is empty")
@@ -263,7 +264,7 @@ class Mixture:
 def decoder_layers(model: nn.Module, paths: Iterable[str]) -> list[str]:
     """The decoder layers (``model.layers.3``: an item of the outermost ModuleList on the way) that hold ``paths``,
     in layer order. Every path must be inside one, and all in the same stack of layers."""
-    from hub.runtime.layers import find_module
+    from hub.sites import find_module
 
     found: dict[str, tuple[str, int]] = {}
     for path in paths:
@@ -294,7 +295,7 @@ class MixtureHandle:
     method = "mixture"
 
     def __init__(self, model: nn.Module, mixture: Mixture, name: str, experts: StackHandle):
-        from hub.runtime.layers import find_module, gate_context
+        from hub.sites import find_module, gate_context
 
         self.model, self.mixture, self.name, self.experts = model, mixture, name, experts
         self.base_check = experts.base_check  # which base check the experts passed

@@ -6,31 +6,17 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-# PEFT's peft_type → the hub's method name. BITFIT and BOTTLENECK are the hub's own formats (PEFT has none), and
-# so are the compositions HUB_STACK and HUB_MIXTURE (hub.formats.composition); docs/formats.md describes them.
-PEFT_TYPES: dict[str, str] = {
-    "LORA": "lora",
-    "ADALORA": "adalora",
-    "LOHA": "loha",
-    "LOKR": "lokr",
-    "IA3": "ia3",
-    "PROMPT_TUNING": "prompt_tuning",
-    "PREFIX_TUNING": "prefix_tuning",
-    "P_TUNING": "p_tuning",
-    "LN_TUNING": "ln_tuning",
-    "OFT": "oft",
-    "BOFT": "boft",
-    "BITFIT": "bitfit",
-    "BOTTLENECK": "bottleneck",
-    "HUB_STACK": "stack",
-    "HUB_MIXTURE": "mixture",
-}
-METHOD_TO_PEFT_TYPE = {method: peft_type for peft_type, method in PEFT_TYPES.items()}
+from hub.methods.table import COMPOSITIONS, RUNNABLE, STORED
 
-# Methods whose weights live in per-module tensors (as opposed to a prompt or prefix).
-PROMPT_METHODS = frozenset({"prompt_tuning", "prefix_tuning", "p_tuning"})
+# The hub's method name → its PEFT type, for every method of the table (hub.methods.table) and the compositions
+# HUB_STACK and HUB_MIXTURE (hub.formats.composition; docs/formats.md describes them and the hub's own BITFIT and
+# BOTTLENECK).
+METHOD_TO_PEFT_TYPE: dict[str, str] = {
+    **{peft_type.lower(): peft_type for peft_type in (*RUNNABLE, *STORED)},
+    **{method: peft_type for peft_type, method in COMPOSITIONS.items()},
+}
 # Artifacts that name other adapters (by digest) instead of adapting modules themselves.
-COMPOSITION_METHODS = frozenset({"stack", "mixture"})
+COMPOSITION_METHODS = frozenset(COMPOSITIONS.values())
 
 # Config keys that describe where or how an artifact was saved, not what it computes: left out of the digest.
 VOLATILE_CONFIG_KEYS = frozenset(
@@ -45,7 +31,9 @@ class AdapterSpec:
     ``targets`` are the leaf names of the modules that carry tensors (``q_proj``, ``v_proj``), read from the
     tensors themselves, so a regex ``target_modules`` in the config still gives a concrete list.
     ``rank`` is the largest rank used anywhere (``r`` or the maximum of ``rank_pattern``); ``None`` for methods
-    without one.
+    without one. ``method`` is the method's name, a variant that users think of as a method of its own included
+    (LoRA with ``use_dora`` is ``dora``); ``variants`` the other variants and initializations (``rslora``,
+    ``pissa``...).
     """
 
     method: str
@@ -54,6 +42,7 @@ class AdapterSpec:
     targets: tuple[str, ...]
     base_model: str | None
     options: dict[str, Any] = field(default_factory=dict)
+    variants: tuple[str, ...] = ()
 
 
 def pattern_value(patterns: dict[str, Any] | None, module_name: str, default: Any) -> Any:

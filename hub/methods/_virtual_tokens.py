@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import inspect
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,8 +27,10 @@ from transformers import Cache, DynamicCache
 
 from hub.errors import Incompatible, InvalidArtifact, NotFound
 from hub.formats import Adapter
-from hub.formats.spec import METHOD_TO_PEFT_TYPE, PROMPT_METHODS
+from hub.formats.spec import METHOD_TO_PEFT_TYPE
 from hub.methods._fresh import base_config
+from hub.methods.base import Method, common_dtype, common_value
+from hub.methods.config import Int, Text
 
 
 @dataclass
@@ -208,8 +210,6 @@ def attach_virtual_tokens(
     model: nn.Module, adapter: Adapter, *, method: str, name: str, weight: float
 ) -> VirtualTokenHandle:
     """Validate ``adapter`` against ``model`` and add its virtual tokens to the model's controller."""
-    if adapter.method != method or method not in PROMPT_METHODS:
-        raise Incompatible(f"adapter {name!r} is {adapter.method}, not {method}")
     check_weight(method, name, weight)
     config = text_config(model)
     if getattr(config, "is_encoder_decoder", False) or (adapter.config.get("num_transformer_submodules") or 1) != 1:
@@ -291,3 +291,46 @@ def _check_prefix(config: Any, adapter_config: dict[str, Any], embeddings: torch
             f"{layers} layers x 2 x {kv_heads * head_dim}"
         )
     return kv_heads, head_dim
+
+
+class VirtualTokenMethod(Method):
+    """Prompt tuning, P-tuning and prefix tuning: one ``prompt_embeddings`` tensor, acting on the input sequence
+    (or the attention cache) rather than on modules; attached by this module's hooks, at weight 1 only."""
+
+    attachable = True
+    stackable = True
+    fields = {"num_virtual_tokens": Int(1), "token_dim": Int(1), "num_transformer_submodules": Int(1),
+              "num_attention_heads": Int(1), "num_layers": Int(1), "tokenizer_name_or_path": Text()}
+
+    def targets(self, config: Mapping[str, Any], modules: Mapping[str, Any]) -> tuple[str, ...]:
+        return ()
+
+    def validate(self, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
+        embeddings = tensors.get("prompt_embeddings")
+        if embeddings is None:
+            raise InvalidArtifact(f"{self.name} adapter has no prompt_embeddings tensor")
+        tokens = config.get("num_virtual_tokens")
+        submodules = config.get("num_transformer_submodules") or 1
+        if tokens is not None and embeddings.shape[0] not in (tokens, tokens * submodules):
+            raise InvalidArtifact(f"prompt_embeddings has {embeddings.shape[0]} rows but num_virtual_tokens={tokens}")
+
+    def attach(self, model: nn.Module, adapter: Adapter, *, name: str, weight: float = 1.0) -> VirtualTokenHandle:
+        return attach_virtual_tokens(model, adapter, method=self.name, name=name, weight=weight)
+
+
+def sum_prompts(adapters: Sequence[Adapter], weights: Sequence[float]) -> Adapter:
+    """Σ weights[i] · prompt_embeddings[i] for prompts of one length and width (prompt tuning, P-tuning)."""
+    first = adapters[0]
+    shape = tuple(first.tensors["prompt_embeddings"].shape)
+    for index, adapter in enumerate(adapters[1:], start=1):
+        other = tuple(adapter.tensors["prompt_embeddings"].shape)
+        if other != shape:
+            raise Incompatible(
+                f"prompt embeddings of adapter #0 are {shape[0]}×{shape[1]} but #{index}'s are {other[0]}×{other[1]}: "
+                "only prompts of the same length and width can be summed; stack them instead"
+            )
+    common_value(adapters, "task_type")
+    dtype = common_dtype(adapters)
+    work = torch.promote_types(dtype, torch.float32)
+    total = sum(w * adapter.tensors["prompt_embeddings"].to(work) for w, adapter in zip(weights, adapters, strict=True))
+    return Adapter(config={**first.config, "inference_mode": True}, tensors={"prompt_embeddings": total.to(dtype)})

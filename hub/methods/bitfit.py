@@ -9,19 +9,21 @@ wrapping the same layer (LoRA sites) compose with it; it sits on the original la
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from hub.errors import Incompatible, NotFound
+from hub.errors import Incompatible, InvalidArtifact
 from hub.formats import Adapter
-from hub.runtime.layers import find_module
+from hub.methods.base import Method
+from hub.methods.config import Modules
+from hub.sites import find_module
+from hub.sites.hooks import HookHandle, check_weight
 
-METHOD = "bitfit"
+NAME = "bitfit"
 
 
 def _innermost(module: nn.Module) -> nn.Module:
@@ -44,18 +46,14 @@ def output_size(module: nn.Module) -> int | None:
     return None
 
 
-class BitFitHandle:
-    """A BitFit adapter attached to a model."""
+class BitFitHandle(HookHandle):
+    """A BitFit adapter attached to a model: a hook adding ``weight · Δb`` to each module's output."""
 
-    method = METHOD
+    method = NAME
 
     def __init__(self, name: str, config: dict[str, Any], weight: float):
-        self.name = name
-        self._config = config
-        self._weight = weight
+        super().__init__(name, config, weight)
         self._deltas: dict[str, nn.Parameter] = {}
-        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
-        self.attached = True
 
     def _add(self, path: str, module: nn.Module, delta: nn.Parameter) -> None:
         self._deltas[path] = delta
@@ -64,7 +62,7 @@ class BitFitHandle:
             shift = delta if self._weight == 1.0 else self._weight * delta
             return output + shift.to(output.dtype)
 
-        self._hooks.append(module.register_forward_hook(add_bias))
+        self.hook(module, add_bias)
 
     def parameters(self) -> Iterator[nn.Parameter]:
         yield from self._deltas.values()
@@ -72,34 +70,15 @@ class BitFitHandle:
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self._deltas.values())
 
-    def set_weight(self, weight: float) -> None:
-        self._weight = check_weight(self.name, weight)
-
     def to_adapter(self) -> Adapter:
         """The adapter as it is now (after training, with the trained deltas)."""
         tensors = {f"base_model.model.{path}.bias": d.detach().cpu().clone() for path, d in self._deltas.items()}
         return Adapter(config=dict(self._config), tensors=tensors)
 
-    def detach(self) -> None:
-        if not self.attached:
-            raise NotFound(f"adapter {self.name!r} is not attached")
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
-        self.attached = False
-
-
-def check_weight(name: str, weight: float) -> float:
-    if not isinstance(weight, (int, float)) or not math.isfinite(weight):
-        raise Incompatible(f"adapter {name!r}: weight must be a finite number, got {weight!r}")
-    return float(weight)
-
 
 def attach(model: nn.Module, adapter: Adapter, *, name: str, weight: float = 1.0) -> BitFitHandle:
     """Add ``adapter``'s bias deltas (times ``weight``) to the outputs of its modules."""
-    if adapter.method != METHOD:
-        raise Incompatible(f"adapter {name!r} is {adapter.method}, not {METHOD}")
-    weight = check_weight(name, weight)
+    check_weight(name, weight)
     plan = []
     for path, params in adapter.modules().items():
         found = find_module(model, path)
@@ -150,3 +129,32 @@ def new_adapter(model: nn.Module, *, targets: Sequence[str] | None = None) -> Ad
     config = {"peft_type": "BITFIT", "target_modules": sorted({p.rsplit(".", 1)[-1] for p, _ in chosen}),
               "base_model_name_or_path": getattr(model, "name_or_path", None)}
     return Adapter(config=config, tensors=tensors)
+
+
+class BitFit(Method):
+    """The hub's own BITFIT format (docs/formats.md): bias deltas added to module outputs by hooks."""
+
+    peft_type = "BITFIT"
+    name = NAME
+    params = ("bias",)
+    fields = {"target_modules": Modules(regex=False)}
+    attachable = True
+    stackable = True
+    recipes = {"bitfit": {}}
+    default_lr = 5e-3
+    make = staticmethod(new_adapter)
+    notes = "the hub's own format (PEFT has none)"
+
+    def validate(self, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
+        for path, params in self.require_modules(tensors).items():
+            if params["bias"].dim() != 1:
+                raise InvalidArtifact(f"module {path}: bitfit bias has shape {tuple(params['bias'].shape)}, not 1-D")
+
+    def saved_modules(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+        return {}  # every "<module>.bias" is a bias delta here, never a module to swap in
+
+    def attach(self, model: nn.Module, adapter: Adapter, *, name: str, weight: float = 1.0) -> BitFitHandle:
+        return attach(model, adapter, name=name, weight=weight)
+
+
+METHOD = BitFit()

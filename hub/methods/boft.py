@@ -11,16 +11,19 @@ whose block-diagonal kernel cannot be checked against PEFT on a CPU, so they are
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import nn
 
 from hub.errors import Incompatible, InvalidArtifact
 from hub.formats import Adapter
-from hub.runtime.layers import (
+from hub.methods._site import SiteMethod
+from hub.methods.config import Bool, Int
+from hub.sites import (
     InputTransform,
     OutputTransform,
-    SiteHandle,
-    attach_deltas,
     expect_linear,
     expect_shape,
     needs_live,
@@ -86,6 +89,23 @@ def build(model: nn.Module, adapter: Adapter) -> dict[str, BOFTDelta]:
     return deltas
 
 
-def attach(model: nn.Module, adapter: Adapter, *, name: str, weight: float = 1.0) -> SiteHandle:
-    """Attach a PEFT BOFT adapter to ``model``."""
-    return attach_deltas(model, build(model, adapter), adapter=adapter, name=name, method="boft", weight=weight)
+class Boft(SiteMethod):
+    """PEFT's BOFT type (module docstring): a rotation of each module's input, on the frozen base."""
+
+    peft_type = "BOFT"
+    name = "boft"
+    params = ("boft_R", "boft_s")
+    fields = {"boft_block_size": Int(0), "boft_block_num": Int(0), "boft_n_butterfly_factor": Int(0),
+              "fan_in_fan_out": Bool()}
+    mixture_expert = True
+    notes = "one butterfly factor (PEFT's CPU build); more factors are stored only"
+
+    def rank(self, config: Mapping[str, Any], modules: Mapping[str, Any]) -> int | None:
+        rank = config.get("r") or config.get("boft_block_size")
+        return rank if isinstance(rank, int) and not isinstance(rank, bool) else None
+
+    def build(self, model: nn.Module, adapter: Adapter) -> dict[str, BOFTDelta]:
+        return build(model, adapter)
+
+
+METHOD = Boft()

@@ -27,21 +27,23 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hub.errors import Incompatible, InvalidArtifact, NotFound
+from hub.errors import Incompatible, InvalidArtifact
 from hub.formats import Adapter
-from hub.formats.peft import BOTTLENECK_PLACEMENTS
-from hub.runtime.layers import find_module
+from hub.methods.base import Method
+from hub.methods.config import Int, Modules, Text
+from hub.sites import find_module
+from hub.sites.hooks import HookHandle, check_weight
 
-METHOD = "bottleneck"
+NAME = "bottleneck"
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
-PLACEMENTS = BOTTLENECK_PLACEMENTS
+PLACEMENTS = ("houlsby", "pfeiffer")
 # Per family: (after-attention, after-feed-forward) site patterns; group 1 is the layer index.
 SITE_PATTERNS: dict[str, tuple[str, str]] = {
     "llama": (r"(?:^|\.)layers\.(\d+)\.self_attn$", r"(?:^|\.)layers\.(\d+)\.mlp$"),
@@ -64,19 +66,15 @@ class Bottleneck(nn.Module):
         return self.adapter_up(self.act(self.adapter_down(h.to(dtype)))).to(h.dtype)
 
 
-class BottleneckHandle:
-    """A bottleneck adapter attached to a model."""
+class BottleneckHandle(HookHandle):
+    """A bottleneck adapter attached to a model: a hook after each site adding ``weight · up(act(down(h)))``."""
 
-    method = METHOD
+    method = NAME
 
     def __init__(self, name: str, config: dict[str, Any], weight: float):
-        self.name = name
-        self._config = config
-        self._weight = weight
+        super().__init__(name, config, weight)
         self.adapters = nn.ModuleDict()  # keyed by site path with dots replaced (ModuleDict keys cannot hold dots)
         self._paths: dict[str, str] = {}
-        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
-        self.attached = True
 
     def _add(self, path: str, site: nn.Module, adapter: Bottleneck) -> None:
         key = path.replace(".", "/")
@@ -89,16 +87,13 @@ class BottleneckHandle:
             h = h + (delta if self._weight == 1.0 else self._weight * delta)
             return (h, *output[1:]) if isinstance(output, tuple) else h
 
-        self._hooks.append(site.register_forward_hook(adapt))
+        self.hook(site, adapt)
 
     def parameters(self) -> Iterator[nn.Parameter]:
         yield from self.adapters.parameters()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.adapters.parameters())
-
-    def set_weight(self, weight: float) -> None:
-        self._weight = _check_weight(self.name, weight)
 
     def to_adapter(self) -> Adapter:
         """The adapter as it is now (after training, with the trained weights)."""
@@ -108,20 +103,6 @@ class BottleneckHandle:
             for pname, p in module.state_dict().items()
         }
         return Adapter(config=dict(self._config), tensors=tensors)
-
-    def detach(self) -> None:
-        if not self.attached:
-            raise NotFound(f"adapter {self.name!r} is not attached")
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
-        self.attached = False
-
-
-def _check_weight(name: str, weight: float) -> float:
-    if not isinstance(weight, (int, float)) or not math.isfinite(weight):
-        raise Incompatible(f"adapter {name!r}: weight must be a finite number, got {weight!r}")
-    return float(weight)
 
 
 def hidden_size(model: nn.Module) -> int:
@@ -135,9 +116,7 @@ def hidden_size(model: nn.Module) -> int:
 
 def attach(model: nn.Module, adapter: Adapter, *, name: str, weight: float = 1.0) -> BottleneckHandle:
     """Hook ``adapter``'s bottleneck layers onto its sites in ``model``."""
-    if adapter.method != METHOD:
-        raise Incompatible(f"adapter {name!r} is {adapter.method}, not {METHOD}")
-    weight = _check_weight(name, weight)
+    check_weight(name, weight)
     non_linearity = adapter.config.get("non_linearity", "relu")
     if non_linearity not in ACTIVATIONS:
         raise Incompatible(f"bottleneck adapter {name!r}: unknown non_linearity {non_linearity!r}")
@@ -233,3 +212,49 @@ def new_adapter(
     if layers is not None:
         config["layers_to_transform"] = sorted(set(layers))
     return Adapter(config=config, tensors=tensors)
+
+
+class BottleneckMethod(Method):
+    """The hub's own BOTTLENECK format (docs/formats.md): Houlsby / Pfeiffer adapters hooked after sub-layers."""
+
+    peft_type = "BOTTLENECK"
+    name = NAME
+    params = ("adapter_down.weight", "adapter_down.bias", "adapter_up.weight", "adapter_up.bias")
+    fields = {"placement": Text(PLACEMENTS), "non_linearity": Text(tuple(ACTIVATIONS)), "bottleneck_size": Int(1),
+              "target_modules": Modules(regex=False)}
+    attachable = True
+    stackable = True
+    recipes = {"bottleneck": {}}
+    default_lr = 2e-3
+    make = staticmethod(new_adapter)
+    notes = "the hub's own format (PEFT has none)"
+
+    def rank(self, config: Mapping[str, Any], modules: Mapping[str, Any]) -> int | None:
+        size = config.get("bottleneck_size")
+        return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+    def validate(self, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
+        """Four tensors per site that chain, sized as the config says."""
+        for key, known in (("placement", PLACEMENTS), ("non_linearity", tuple(ACTIVATIONS))):
+            if config.get(key) not in known:
+                raise InvalidArtifact(f"bottleneck {key} must be one of {', '.join(known)}, not {config.get(key)!r}")
+        size = config.get("bottleneck_size")
+        for path, params in self.require_modules(tensors).items():
+            missing = sorted(set(self.params) - set(params))
+            if missing:
+                raise InvalidArtifact(f"module {path} lacks bottleneck tensors {', '.join(missing)}")
+            down, up = params["adapter_down.weight"], params["adapter_up.weight"]
+            if down.dim() != 2 or up.dim() != 2 or tuple(up.shape) != (down.shape[1], down.shape[0]):
+                raise InvalidArtifact(
+                    f"module {path}: adapter_down {tuple(down.shape)} and adapter_up {tuple(up.shape)} do not chain"
+                )
+            if params["adapter_down.bias"].shape != down.shape[:1] or params["adapter_up.bias"].shape != up.shape[:1]:
+                raise InvalidArtifact(f"module {path}: bottleneck biases do not match their weights")
+            if size is not None and down.shape[0] != size:
+                raise InvalidArtifact(f"module {path}: bottleneck size {down.shape[0]} but the config says {size}")
+
+    def attach(self, model: nn.Module, adapter: Adapter, *, name: str, weight: float = 1.0) -> BottleneckHandle:
+        return attach(model, adapter, name=name, weight=weight)
+
+
+METHOD = BottleneckMethod()

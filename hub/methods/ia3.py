@@ -8,7 +8,7 @@ PEFT 0.21.2 (tuners/ia3/layer.py): modules listed in ``feedforward_modules`` sca
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -19,11 +19,12 @@ from hub.errors import Incompatible, InvalidArtifact
 from hub.formats import Adapter
 from hub.formats.peft import KEY_PREFIX
 from hub.methods._fresh import base_config
-from hub.runtime.layers import (
+from hub.methods._site import SiteMethod
+from hub.methods.base import Need, common_dtype, common_value, only_module_tensors
+from hub.methods.config import Bool, Modules
+from hub.sites import (
     InputTransform,
     OutputTransform,
-    SiteHandle,
-    attach_deltas,
     expect_linear,
     expect_shape,
     linear_dims,
@@ -88,19 +89,21 @@ def build(model: nn.Module, adapter: Adapter) -> dict[str, InputTransform | Outp
     return deltas
 
 
-def attach(model: nn.Module, adapter: Adapter, *, name: str, weight: float = 1.0) -> SiteHandle:
-    """Attach a PEFT IA3 adapter to ``model``."""
-    return attach_deltas(model, build(model, adapter), adapter=adapter, name=name, method="ia3", weight=weight)
 
 
 def new_adapter(
     model: nn.Module,
     *,
-    targets: Sequence[str] = DEFAULT_TARGETS,
-    feedforward: Sequence[str] = DEFAULT_FEEDFORWARD,
+    targets: Sequence[str] | None = None,
+    feedforward: Sequence[str] | None = None,
 ) -> Adapter:
     """A fresh IA3 for ``model`` as PEFT initializes it: every vector one (a no-op). ``feedforward`` modules (a
-    subset of ``targets``) scale their input, the others their output."""
+    subset of ``targets``) scale their input, the others their output. Unset, they are those of
+    ``DEFAULT_TARGETS`` / ``DEFAULT_FEEDFORWARD`` the model has."""
+    chosen = target_modules(model, targets or DEFAULT_TARGETS, method="IA3", all_required=targets is not None)
+    names = {path.rsplit(".", 1)[-1] for path in chosen}
+    targets = sorted(names) if targets is None else targets
+    feedforward = sorted(names & set(DEFAULT_FEEDFORWARD)) if feedforward is None else feedforward
     if not set(feedforward) <= set(targets):
         raise InvalidArtifact(f"IA3 feedforward modules {sorted(set(feedforward) - set(targets))} are not targets")
     config = base_config(
@@ -108,7 +111,7 @@ def new_adapter(
         fan_in_fan_out=False, init_ia3_weights=True,
     )
     tensors: dict[str, torch.Tensor] = {}
-    for path, module in target_modules(model, targets, method="IA3").items():
+    for path, module in chosen.items():
         dims = linear_dims(module)
         if dims is None:
             raise Incompatible(f"IA3 target {path} is a {type(module).__name__}, not a linear layer")
@@ -117,3 +120,60 @@ def new_adapter(
         shape = (1, in_features) if is_feedforward(config, path) else (out_features, 1)
         tensors[f"{KEY_PREFIX}{path}.ia3_l"] = torch.ones(shape)
     return Adapter(config=config, tensors=tensors)
+
+
+class IA3(SiteMethod):
+    """PEFT's IA3 type (module docstring): vectors scaling a module's input or output."""
+
+    peft_type = "IA3"
+    name = "ia3"
+    params = ("ia3_l",)
+    fields = {"feedforward_modules": Modules(), "fan_in_fan_out": Bool(), "init_ia3_weights": Bool()}
+    summable = True
+    mixture_expert = True
+    recipes = {"ia3": {}}
+    default_lr = 0.1
+    make = staticmethod(new_adapter)
+    notes = "sums only IA3 adapters of the same modules (a missing vector means 1)"
+
+    def validate(self, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
+        self.require_modules(tensors)
+
+    def needs(self, config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> list[Need]:
+        needs = super().needs(config, shapes)
+        for path, params in self.modules(shapes).items():
+            vector = params["ia3_l"]
+            if len(vector) == 2:
+                out, inp = (None, vector[1]) if is_feedforward(dict(config), path) else (vector[0], None)
+                shape = (inp, out) if config.get("fan_in_fan_out") else (out, inp)
+                needs.append(Need(f"{path}.weight", shape))
+        return needs
+
+    def build(self, model: nn.Module, adapter: Adapter) -> dict[str, InputTransform | OutputTransform]:
+        return build(model, adapter)
+
+    def weighted_sum(self, adapters: Sequence[Adapter], weights: Sequence[float]) -> Adapter:
+        for index, adapter in enumerate(adapters):
+            only_module_tensors(adapter, index)
+        first = adapters[0]
+        layout = {key: tuple(tensor.shape) for key, tensor in first.tensors.items()}
+        for index, adapter in enumerate(adapters[1:], start=1):
+            other = {key: tuple(tensor.shape) for key, tensor in adapter.tensors.items()}
+            if other != layout:
+                differing = sorted(set(layout) ^ set(other)) or sorted(k for k in layout if layout[k] != other[k])
+                raise Incompatible(
+                    f"IA3 adapters #0 and #{index} differ at {differing[0]}: they must scale the same modules with the"
+                    " same shapes (a missing IA3 vector means 1, not 0, so the sum would be ambiguous); stack them"
+                    " instead"
+                )
+        common_value(adapters, "task_type")
+        dtype = common_dtype(adapters)
+        work = torch.promote_types(dtype, torch.float32)
+        tensors = {
+            key: sum(w * adapter.tensors[key].to(work) for w, adapter in zip(weights, adapters, strict=True)).to(dtype)
+            for key in first.tensors
+        }
+        return Adapter(config={**first.config, "inference_mode": True}, tensors=tensors)
+
+
+METHOD = IA3()

@@ -10,9 +10,8 @@ adapter at weight 1 uses its tuned tensor as is.
 
 from __future__ import annotations
 
-import math
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -20,10 +19,12 @@ from torch import nn
 
 from hub.errors import Incompatible, NotFound
 from hub.formats import Adapter
-from hub.runtime.layers import find_module
+from hub.methods.base import Method, Need
+from hub.sites import find_module
+from hub.sites.hooks import check_weight
 
 PARAM_PREFIX = "ln_tuning_layers."
-METHOD = "ln_tuning"
+NAME = "ln_tuning"
 
 
 class _NormSite:
@@ -70,7 +71,7 @@ _SITES: weakref.WeakKeyDictionary[nn.Module, _NormSite] = weakref.WeakKeyDiction
 class LNTuningHandle:
     """An LN-tuning adapter attached to a model."""
 
-    method = METHOD
+    method = NAME
 
     def __init__(self, name: str, config: dict[str, Any], modules: dict[str, tuple[nn.Module, _Params]]):
         self.name = name
@@ -86,7 +87,7 @@ class LNTuningHandle:
         return list(self.parameters())
 
     def set_weight(self, weight: float) -> None:
-        weight = _check_weight(self.name, weight)
+        weight = check_weight(self.name, weight)
         for module, params in self._modules.values():
             _SITES[module].entries[self.name] = (weight, params)
 
@@ -113,17 +114,9 @@ class LNTuningHandle:
         self.attached = False
 
 
-def _check_weight(name: str, weight: float) -> float:
-    if not isinstance(weight, (int, float)) or not math.isfinite(weight):
-        raise Incompatible(f"adapter {name!r}: weight must be a finite number, got {weight!r}")
-    return float(weight)
-
-
 def attach(model: nn.Module, adapter: Adapter, *, name: str, weight: float = 1.0) -> LNTuningHandle:
     """Swap ``adapter``'s normalization parameters into ``model``'s forward (the base tensors stay untouched)."""
-    if adapter.method != METHOD:
-        raise Incompatible(f"adapter {name!r} is {adapter.method}, not {METHOD}")
-    weight = _check_weight(name, weight)
+    weight = check_weight(name, weight)
     plan: dict[str, tuple[nn.Module, dict[str, torch.Tensor]]] = {}
     for path, params in adapter.modules().items():
         module = find_module(model, path)
@@ -188,3 +181,33 @@ def new_adapter(model: nn.Module, *, targets: Sequence[str] | None = None) -> Ad
     config = {"peft_type": "LN_TUNING", "target_modules": sorted(leaves), "task_type": None,
               "base_model_name_or_path": getattr(model, "name_or_path", None)}
     return Adapter(config=config, tensors=tensors)
+
+
+class LNTuning(Method):
+    """PEFT's LN_TUNING type: the norms' own parameters, retrained, swapped in by this module's sites."""
+
+    peft_type = "LN_TUNING"
+    name = NAME
+    params = ("ln_tuning_layers.weight", "ln_tuning_layers.bias")
+    attachable = True
+    stackable = True
+    recipes = {"ln_tuning": {}}
+    default_lr = 5e-3
+    make = staticmethod(new_adapter)
+    notes = "replaces norm parameters: a stack interpolates them by weight"
+
+    def validate(self, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
+        self.require_modules(tensors)
+
+    def needs(self, config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> list[Need]:
+        needs = super().needs(config, shapes)
+        for path, params in self.modules(shapes).items():
+            for param, shape in params.items():
+                needs.append(Need(f"{path}.{param.removeprefix(PARAM_PREFIX)}", tuple(shape)))
+        return needs
+
+    def attach(self, model: nn.Module, adapter: Adapter, *, name: str, weight: float = 1.0) -> LNTuningHandle:
+        return attach(model, adapter, name=name, weight=weight)
+
+
+METHOD = LNTuning()

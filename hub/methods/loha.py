@@ -8,7 +8,8 @@ Convolution LoHa (``hada_t1``/``hada_t2``) is refused.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,12 +19,13 @@ from hub.errors import Incompatible, InvalidArtifact
 from hub.formats import Adapter, pattern_value
 from hub.formats.peft import KEY_PREFIX
 from hub.methods._fresh import base_config, kaiming_uniform
+from hub.methods._site import SiteMethod
+from hub.methods.base import PEFT_DEFAULT_ALPHA, PEFT_DEFAULT_R, Need, Term, linear_need
+from hub.methods.config import Bool, Int, Number, Pattern
 from hub.methods.lora import DEFAULT_TARGETS
-from hub.runtime.layers import (
+from hub.sites import (
     AdditiveDelta,
     BaseView,
-    SiteHandle,
-    attach_deltas,
     expect_linear,
     expect_shape,
     linear_dims,
@@ -74,20 +76,16 @@ def build(model: nn.Module, adapter: Adapter) -> dict[str, LoHaDelta]:
     return deltas
 
 
-def attach(model: nn.Module, adapter: Adapter, *, name: str, weight: float = 1.0) -> SiteHandle:
-    """Attach a PEFT LoHa adapter to ``model``."""
-    return attach_deltas(model, build(model, adapter), adapter=adapter, name=name, method="loha", weight=weight)
-
-
 def new_adapter(
-    model: nn.Module, *, rank: int = 8, alpha: float = 16.0, targets: Sequence[str] = DEFAULT_TARGETS, seed: int = 0
+    model: nn.Module, *, rank: int = 8, alpha: float = 16.0, targets: Sequence[str] | None = None, seed: int = 0
 ) -> Adapter:
     """A fresh LoHa for ``model`` as PEFT initializes it: w1_a, w1_b, w2_a Kaiming-uniform, w2_b zero (a no-op)."""
     if rank < 1:
         raise InvalidArtifact(f"LoHa rank must be at least 1, not {rank}")
     generator = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
-    for path, module in target_modules(model, targets, method="LoHa").items():
+    chosen = target_modules(model, targets or DEFAULT_TARGETS, method="LoHa", all_required=targets is not None)
+    for path, module in chosen.items():
         dims = linear_dims(module)
         if dims is None:
             raise Incompatible(f"LoHa target {path} is a {type(module).__name__}, not a linear layer")
@@ -98,7 +96,89 @@ def new_adapter(
         tensors[f"{prefix}.hada_w2_a"] = kaiming_uniform(out_features, rank, generator)
         tensors[f"{prefix}.hada_w2_b"] = torch.zeros(rank, in_features)
     config = base_config(
-        model, "LOHA", r=rank, alpha=alpha, target_modules=sorted(set(targets)), rank_dropout=0.0,
+        model, "LOHA", r=rank, alpha=alpha, target_modules=sorted({p.rsplit(".", 1)[-1] for p in chosen}),
+        rank_dropout=0.0,
         module_dropout=0.0, use_effective_conv2d=False, init_weights=True,
     )
     return Adapter(config=config, tensors=tensors)
+
+
+# LoHa and LoKr factors whose first dimension is the rank, whatever the layer kind (linear or conv, effective or not).
+LYCORIS_RANK_FIRST = ("hada_w1_b", "hada_w2_b", "hada_t1", "hada_t2", "lokr_w1_b", "lokr_w2_b", "lokr_t2")
+LYCORIS_FIELDS = {"r": Int(1), "alpha": Number(), "rank_dropout": Number(), "module_dropout": Number(),
+                  "use_effective_conv2d": Bool(), "rank_pattern": Pattern(Int(1)), "alpha_pattern": Pattern(Number())}
+
+
+class Lycoris(SiteMethod):
+    """What LoHa and LoKr share: r/alpha with patterns, rank-first factors, a low-rank form for sums."""
+
+    summable = True
+    low_rank = True
+    mixture_expert = True
+
+    def rank(self, config: Mapping[str, Any], modules: Mapping[str, Any]) -> int | None:
+        ranks = [config.get("r"), *(config.get("rank_pattern") or {}).values()]
+        ranks = [r for r in ranks if isinstance(r, int) and not isinstance(r, bool)]
+        return max(ranks) if ranks else None
+
+    def alpha(self, config: Mapping[str, Any]) -> float | None:
+        alpha = config.get("alpha")
+        return alpha if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) else None
+
+    def validate(self, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
+        for path, params in self.require_modules(tensors).items():
+            rank = pattern_value(config.get("rank_pattern"), path, config.get("r"))
+            for name in LYCORIS_RANK_FIRST:
+                tensor = params.get(name)
+                if tensor is not None and rank is not None and (tensor.dim() < 2 or tensor.shape[0] != rank):
+                    raise InvalidArtifact(
+                        f"module {path}: {name} has shape {tuple(tensor.shape)}, not rank {rank} as the config says"
+                    )
+
+    def scales(self, config: Mapping[str, Any], path: str) -> float:
+        """α / r of a module, through the patterns."""
+        r = pattern_value(config.get("rank_pattern"), path, config.get("r") or PEFT_DEFAULT_R)
+        alpha = config.get("alpha")
+        alpha = pattern_value(config.get("alpha_pattern"), path, PEFT_DEFAULT_ALPHA if alpha is None else alpha)
+        return alpha / r
+
+
+class LoHa(Lycoris):
+    """PEFT's LOHA type at linear layers (module docstring)."""
+
+    peft_type = "LOHA"
+    name = "loha"
+    params = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+    fields = LYCORIS_FIELDS
+    recipes = {"loha": {}}
+    default_lr = 3e-2
+    make = staticmethod(new_adapter)
+    notes = "linear layers; the convolution (CP) form is stored only"
+
+    def needs(self, config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> list[Need]:
+        needs = super().needs(config, shapes)
+        for path, params in self.modules(shapes).items():
+            if "hada_w1_a" in params and "hada_w1_b" in params and len(params["hada_w1_b"]) == 2:
+                needs.append(linear_need(path, params["hada_w1_b"][1], params["hada_w1_a"][0]))
+        return needs
+
+    def build(self, model: nn.Module, adapter: Adapter) -> dict[str, LoHaDelta]:
+        return build(model, adapter)
+
+    def merge_terms(self, adapter: Adapter, work: torch.dtype) -> dict[str, Term]:
+        names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+        terms = {}
+        for path, params in adapter.modules().items():
+            if "hada_t1" in params or any(name not in params or params[name].dim() != 2 for name in names):
+                raise Incompatible(f"LoHa module {path} is convolutional (CP-decomposed); only linear modules can be"
+                                   " summed")
+            w1a, w1b, w2a, w2b = (params[name].to(work) for name in names)
+            # (w1a·w1b) ⊙ (w2a·w2b) = B·A with B[i, (p,q)] = w1a[i,p]·w2a[i,q] and A[(p,q), j] = w1b[p,j]·w2b[q,j].
+            b = (w1a[:, :, None] * w2a[:, None, :]).reshape(w1a.shape[0], -1)
+            a = (w1b[:, None, :] * w2b[None, :, :]).reshape(-1, w1b.shape[1])
+            terms[path] = Term(b=b, a=a * self.scales(adapter.config, path), bias=None, embedding=False)
+        return terms
+
+
+
+METHOD = LoHa()

@@ -8,7 +8,8 @@ factors are decomposed), with ``w1`` [a, c] saved whole (``lokr_w1``) or as ``lo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,12 +19,13 @@ from hub.errors import Incompatible, InvalidArtifact
 from hub.formats import Adapter, pattern_value
 from hub.formats.peft import KEY_PREFIX
 from hub.methods._fresh import base_config, kaiming_uniform
+from hub.methods.base import Need, Term, linear_need
+from hub.methods.config import Bool, Int
+from hub.methods.loha import LYCORIS_FIELDS, Lycoris
 from hub.methods.lora import DEFAULT_TARGETS
-from hub.runtime.layers import (
+from hub.sites import (
     AdditiveDelta,
     BaseView,
-    SiteHandle,
-    attach_deltas,
     expect_linear,
     linear_dims,
     parameter,
@@ -95,11 +97,6 @@ def build(model: nn.Module, adapter: Adapter) -> dict[str, LoKrDelta]:
     return deltas
 
 
-def attach(model: nn.Module, adapter: Adapter, *, name: str, weight: float = 1.0) -> SiteHandle:
-    """Attach a PEFT LoKr adapter to ``model``."""
-    return attach_deltas(model, build(model, adapter), adapter=adapter, name=name, method="lokr", weight=weight)
-
-
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     """(m, n) with m·n = dimension as PEFT's lokr ``factorization`` picks them: ``(factor, dimension / factor)``
     when ``factor`` divides, else the pair nearest √dimension with m <= n (and m <= factor when one is given)."""
@@ -125,7 +122,7 @@ def new_adapter(
     *,
     rank: int = 8,
     alpha: float = 16.0,
-    targets: Sequence[str] = DEFAULT_TARGETS,
+    targets: Sequence[str] | None = None,
     decompose_both: bool = False,
     decompose_factor: int = -1,
     seed: int = 0,
@@ -137,7 +134,8 @@ def new_adapter(
         raise InvalidArtifact(f"LoKr rank must be at least 1, not {rank}")
     generator = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
-    for path, module in target_modules(model, targets, method="LoKr").items():
+    chosen = target_modules(model, targets or DEFAULT_TARGETS, method="LoKr", all_required=targets is not None)
+    for path, module in chosen.items():
         dims = linear_dims(module)
         if dims is None:
             raise Incompatible(f"LoKr target {path} is a {type(module).__name__}, not a linear layer")
@@ -155,8 +153,69 @@ def new_adapter(
         else:
             tensors[f"{prefix}.lokr_w2"] = kaiming_uniform(b, d, generator)
     config = base_config(
-        model, "LOKR", r=rank, alpha=alpha, target_modules=sorted(set(targets)), rank_dropout=0.0,
+        model, "LOKR", r=rank, alpha=alpha, target_modules=sorted({p.rsplit(".", 1)[-1] for p in chosen}),
+        rank_dropout=0.0,
         module_dropout=0.0, decompose_both=decompose_both, decompose_factor=decompose_factor,
         use_effective_conv2d=False, rank_dropout_scale=False, init_weights=True,
     )
     return Adapter(config=config, tensors=tensors)
+
+
+class LoKr(Lycoris):
+    """PEFT's LOKR type at linear layers (module docstring)."""
+
+    peft_type = "LOKR"
+    name = "lokr"
+    params = ("lokr_w1", "lokr_w2", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+    fields = {**LYCORIS_FIELDS, "decompose_both": Bool(), "decompose_factor": Int(-1), "rank_dropout_scale": Bool()}
+    recipes = {"lokr": {}}
+    default_lr = 5e-2
+    make = staticmethod(new_adapter)
+    notes = "linear layers; the convolution form is stored only"
+
+    def needs(self, config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> list[Need]:
+        needs = super().needs(config, shapes)
+        for path, params in self.modules(shapes).items():
+            sides = [_side(params, which) for which in ("w1", "w2")]
+            if all(side is not None for side in sides):
+                (a, c), (b, d) = sides
+                needs.append(linear_need(path, c * d, a * b))
+        return needs
+
+    def build(self, model: nn.Module, adapter: Adapter) -> dict[str, LoKrDelta]:
+        return build(model, adapter)
+
+    def merge_terms(self, adapter: Adapter, work: torch.dtype) -> dict[str, Term]:
+        terms = {}
+        for path, params in adapter.modules().items():
+            if "lokr_t2" in params or any(tensor.dim() != 2 for tensor in params.values()):
+                raise Incompatible(f"LoKr module {path} is convolutional; only linear modules can be summed")
+            params = {name: tensor.to(work) for name, tensor in params.items()}
+            u1, v1 = _factor_pair(params, "lokr_w1")
+            u2, v2 = _factor_pair(params, "lokr_w2")
+            # Mixed-product property: kron(U1·V1, U2·V2) = kron(U1, U2)·kron(V1, V2).
+            terms[path] = Term(b=torch.kron(u1, u2), a=torch.kron(v1, v2) * self.scales(adapter.config, path),
+                               bias=None, embedding=False)
+        return terms
+
+
+def _side(params: Mapping[str, tuple[int, ...]], which: str) -> tuple[int, int] | None:
+    """The [rows, cols] of factor w1 or w2 from its saved shapes (whole or as a product)."""
+    whole = params.get(f"lokr_{which}")
+    if whole is not None:
+        return (whole[0], whole[1]) if len(whole) == 2 else None
+    a, b = params.get(f"lokr_{which}_a"), params.get(f"lokr_{which}_b")
+    return (a[0], b[-1]) if a is not None and b is not None and len(a) == 2 and len(b) == 2 else None
+
+
+def _factor_pair(params: dict[str, torch.Tensor], name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if name in params:
+        full = params[name]
+        rows, cols = full.shape
+        eye = torch.eye(min(rows, cols), dtype=full.dtype)
+        # A full matrix W is W·I or I·W, whichever has the smaller inner dimension.
+        return (full, eye) if cols <= rows else (eye, full)
+    return params[f"{name}_a"], params[f"{name}_b"]
+
+
+METHOD = LoKr()

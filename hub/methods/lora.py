@@ -10,7 +10,8 @@ On a bitsandbytes base W is read with bitsandbytes' own dequantization.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -22,13 +23,14 @@ from hub.errors import Incompatible, InvalidArtifact
 from hub.formats import Adapter, pattern_value
 from hub.formats.peft import KEY_PREFIX
 from hub.methods._fresh import base_config, kaiming_uniform
-from hub.runtime.layers import (
+from hub.methods._site import SiteMethod
+from hub.methods.base import PEFT_DEFAULT_ALPHA, Need, Term, linear_need, refuse_sum
+from hub.methods.config import Bool, Either, Int, Number, Pattern, Text
+from hub.sites import (
     AdditiveDelta,
     BaseView,
     LowRankDelta,
-    SiteHandle,
     Target,
-    attach_deltas,
     base_weight,
     expect_linear,
     expect_shape,
@@ -40,23 +42,28 @@ from hub.runtime.layers import (
     version_key,
 )
 
-# What a fresh adapter adapts unless told otherwise: every attention projection of a Llama-style model.
+# What a fresh adapter adapts unless told otherwise: every attention projection of a Llama-style model, at rank 8.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+DEFAULT_RANK = 8
 
-# LoRA config keys selecting variants whose forward is not plain/rs/DoRA LoRA, and inits that rewrite the base
-# weights (the adapter then only works on the residual base it was trained with).
-REFUSED: dict[str, str] = {
+# LoRA config keys that select a variant, with why it is not plain/rs/DoRA LoRA: the runtime cannot attach these
+# and sums refuse them. (DoRA attaches, but a sum of DoRA deltas is not a LoRA: see SUMS_REFUSE.)
+VARIANTS: dict[str, str] = {
     "alora_invocation_tokens": "aLoRA activates on invocation tokens",
-    "arrow_config": "Arrow routing",
+    "arrow_config": "Arrow routes between LoRA experts per token",
     "use_bdlora": "block-diagonal LoRA",
-    "kasa_config": "KaSA",
+    "kasa_config": "KaSA depends on the base weight's singular values",
     "velora_config": "VeLoRA",
-    "monteclora_config": "MonteCLoRA",
-    "use_qalora": "QALoRA pools the input",
+    "monteclora_config": "MonteCLoRA samples its factors",
+    "use_qalora": "QALoRA pools its inputs by groups",
     "layer_replication": "layer replication changes the model's layers",
     "trainable_token_indices": "trainable tokens",
     "megatron_config": "Megatron layers",
+    "target_parameters": "it targets nn.Parameters rather than modules",
 }
+SUMS_REFUSE = {**VARIANTS,
+               "use_dora": "DoRA renormalizes by the base weight's norms, so a sum of DoRA deltas is not a LoRA"}
+# init_lora_weights values that rewrite the base weights: an unconverted adapter is a delta from that other base.
 BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
@@ -155,8 +162,9 @@ class LoraEmbeddingDelta(AdditiveDelta):
         return (self.lora_embedding_B @ self.lora_embedding_A).t() * self.scale
 
 
-def scaling(config: dict[str, Any], path: str, rank: int) -> float:
-    alpha = float(pattern_value(config.get("alpha_pattern"), path, config.get("lora_alpha", 8)))
+def scaling(config: Mapping[str, Any], path: str, rank: int) -> float:
+    """PEFT's scaling of a module of ``rank``: α / r (rsLoRA: α / √r), α and r per module through the patterns."""
+    alpha = float(pattern_value(config.get("alpha_pattern"), path, config.get("lora_alpha", PEFT_DEFAULT_ALPHA)))
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
@@ -187,7 +195,10 @@ def build(model: nn.Module, adapter: Adapter) -> dict[str, AdditiveDelta]:
         raise InvalidArtifact("LoRA adapter sets both use_dora and lora_bias, which PEFT does not allow")
     dropout = float(config.get("lora_dropout") or 0.0)
     deltas: dict[str, AdditiveDelta] = {}
-    for target in resolve_targets(model, adapter, refuse=REFUSED):
+    if config.get("bias") not in (None, "none"):
+        raise Incompatible(f"LoRA adapter has bias={config['bias']!r}: it trains the base's biases, which the hub"
+                           " runtime does not run")
+    for target in resolve_targets(model, adapter, refuse=VARIANTS):
         params, path = target.params, target.path
         device = site_device(target.module)
         if "lora_embedding_A" in params:
@@ -227,17 +238,12 @@ def build(model: nn.Module, adapter: Adapter) -> dict[str, AdditiveDelta]:
     return deltas
 
 
-def attach(model: nn.Module, adapter: Adapter, *, name: str, weight: float = 1.0) -> SiteHandle:
-    """Attach a PEFT LoRA adapter to ``model`` (the model's modules are wrapped, never modified)."""
-    return attach_deltas(model, build(model, adapter), adapter=adapter, name=name, method="lora", weight=weight)
-
-
 def new_adapter(
     model: nn.Module,
     *,
-    rank: int = 8,
+    rank: int | None = None,
     alpha: float = 16.0,
-    targets: Sequence[str] = DEFAULT_TARGETS,
+    targets: Sequence[str] | None = None,
     use_dora: bool = False,
     use_rslora: bool = False,
     dropout: float = 0.0,
@@ -245,13 +251,22 @@ def new_adapter(
 ) -> Adapter:
     """A fresh LoRA (rsLoRA, DoRA) for ``model``, initialized as PEFT does: A Kaiming-uniform and B zero at linear
     layers, A zero and B standard normal at embeddings, so it starts as a no-op; DoRA's magnitude is the row norm of
-    the base weight (read through bitsandbytes' own dequantization on a quantized base)."""
+    the base weight (read through bitsandbytes' own dequantization on a quantized base).
+
+    ``rank`` None: ``DEFAULT_RANK``, lowered (``rank_pattern``) at modules too small to hold it; an explicit rank
+    a module cannot hold (above min(in, out)) is refused. ``targets`` None: those of ``DEFAULT_TARGETS`` the model
+    has. Raises InvalidArtifact, Incompatible.
+    """
+    explicit = rank is not None
+    rank = DEFAULT_RANK if rank is None else rank
     if rank < 1:
         raise InvalidArtifact(f"LoRA rank must be at least 1, not {rank}")
     generator = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
     conv1d = False
-    for path, module in target_modules(model, targets, method="LoRA").items():
+    chosen = target_modules(model, targets or DEFAULT_TARGETS, method="LoRA", all_required=targets is not None)
+    for path, module in chosen.items():
         prefix = f"{KEY_PREFIX}{path}"
         if isinstance(module, nn.Embedding):
             if use_dora:
@@ -263,15 +278,123 @@ def new_adapter(
         if dims is None:
             raise Incompatible(f"LoRA target {path} is a {type(module).__name__}, not a linear layer or embedding")
         in_features, out_features = dims
+        held = min(rank, in_features, out_features)
+        if held < rank:
+            if explicit:
+                raise Incompatible(f"LoRA rank {rank} does not fit {path} ({out_features}×{in_features}): its update"
+                                   f" has rank at most {min(in_features, out_features)}")
+            ranks[path] = held
         conv1d = conv1d or isinstance(module, Conv1D)
-        tensors[f"{prefix}.lora_A.weight"] = kaiming_uniform(rank, in_features, generator)
-        tensors[f"{prefix}.lora_B.weight"] = torch.zeros(out_features, rank)
+        tensors[f"{prefix}.lora_A.weight"] = kaiming_uniform(held, in_features, generator)
+        tensors[f"{prefix}.lora_B.weight"] = torch.zeros(out_features, held)
         if use_dora:
             with torch.no_grad():
                 weight = base_weight(module).to(device="cpu", dtype=torch.float32)
                 tensors[f"{prefix}.lora_magnitude_vector"] = torch.linalg.norm(weight, dim=1)
+    # Lowered modules keep the scaling alpha / r of the others (alpha_pattern), as if the missing ranks were zero.
+    pattern = {re.escape(path): r for path, r in sorted(ranks.items())}
+    alphas = {key: alpha * r / rank if not use_rslora else alpha * math.sqrt(r / rank) for key, r in pattern.items()}
     config = base_config(
-        model, "LORA", r=rank, lora_alpha=alpha, target_modules=sorted(set(targets)), lora_dropout=dropout,
-        bias="none", use_rslora=use_rslora, use_dora=use_dora, fan_in_fan_out=conv1d, init_lora_weights=True,
+        model, "LORA", r=rank, lora_alpha=alpha, target_modules=sorted({p.rsplit(".", 1)[-1] for p in chosen}),
+        lora_dropout=dropout, bias="none", use_rslora=use_rslora, use_dora=use_dora, fan_in_fan_out=conv1d,
+        init_lora_weights=True, rank_pattern=pattern, alpha_pattern=alphas,
     )
     return Adapter(config=config, tensors=tensors)
+
+
+class Lora(SiteMethod):
+    """PEFT's LORA type: plain LoRA, rsLoRA, DoRA, lora_bias, rank/alpha patterns, embeddings (module docstring)."""
+
+    peft_type = "LORA"
+    name = "lora"
+    params = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector",
+              "lora_embedding_A", "lora_embedding_B")
+    fields = {
+        "r": Int(1), "lora_alpha": Number(), "lora_dropout": Number(), "use_rslora": Bool(), "use_dora": Bool(),
+        "lora_bias": Bool(), "fan_in_fan_out": Bool(), "bias": Text(("none", "all", "lora_only")),
+        "init_lora_weights": Either((Bool(), Text())), "rank_pattern": Pattern(Int(1)),
+        "alpha_pattern": Pattern(Number()),
+    }
+    summable = True
+    low_rank = True
+    mixture_expert = True
+    recipes = {"lora": {}, "dora": {"use_dora": True}}
+    default_lr = 5e-3
+    make = staticmethod(new_adapter)
+    notes = "rsLoRA, DoRA, lora_bias, rank/alpha patterns, embeddings; " + ", ".join(sorted(VARIANTS)) + " stored only"
+
+    def label(self, config: Mapping[str, Any]) -> str:
+        return "dora" if config.get("use_dora") is True else "lora"
+
+    def variants(self, config: Mapping[str, Any]) -> tuple[str, ...]:
+        found = ["rslora"] if config.get("use_rslora") is True else []
+        init = config.get("init_lora_weights")
+        if isinstance(init, str) and init.lower() != "gaussian":
+            found.append(init.lower())
+        found += [key for key in VARIANTS if config.get(key) not in (None, False, [], {}, "")]
+        return tuple(found)
+
+    def rank(self, config: Mapping[str, Any], modules: Mapping[str, Any]) -> int | None:
+        ranks = [config.get("r"), *(config.get("rank_pattern") or {}).values()]
+        ranks = [r for r in ranks if isinstance(r, int) and not isinstance(r, bool)]
+        return max(ranks) if ranks else None
+
+    def alpha(self, config: Mapping[str, Any]) -> float | None:
+        alpha = config.get("lora_alpha")
+        return alpha if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) else None
+
+    def validate(self, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
+        modules = self.require_modules(tensors)
+        for path, params in modules.items():
+            a = params.get("lora_A.weight", params.get("lora_embedding_A"))
+            b = params.get("lora_B.weight", params.get("lora_embedding_B"))
+            if a is None or b is None:
+                raise InvalidArtifact(f"module {path} has only one of lora_A / lora_B")
+            if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+                raise InvalidArtifact(f"module {path}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not"
+                                      " chain")
+            rank = pattern_value(config.get("rank_pattern"), path, config.get("r"))
+            if rank is not None and a.shape[0] != rank:
+                kind = "embedding" if "lora_embedding_A" in params else "linear"
+                raise InvalidArtifact(f"module {path} ({kind}): tensors have rank {a.shape[0]} but the config says"
+                                      f" r={rank}")
+
+    def needs(self, config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> list[Need]:
+        needs = super().needs(config, shapes)
+        for path, params in self.modules(shapes).items():
+            if "lora_embedding_A" in params and "lora_embedding_B" in params:
+                rows, dim = params["lora_embedding_A"][-1], params["lora_embedding_B"][0]
+                needs.append(Need(f"{path}.weight", (rows, dim), "embedding"))
+            elif "lora_A.weight" in params and "lora_B.weight" in params:
+                needs.append(linear_need(path, params["lora_A.weight"][-1], params["lora_B.weight"][0],
+                                         bool(config.get("fan_in_fan_out"))))
+        return needs
+
+    def build(self, model: nn.Module, adapter: Adapter) -> dict[str, AdditiveDelta]:
+        return build(model, adapter)
+
+    def merge_terms(self, adapter: Adapter, work: torch.dtype) -> dict[str, Term]:
+        config = adapter.config
+        refuse_sum(config, SUMS_REFUSE)
+        init = config.get("init_lora_weights")
+        if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
+            raise Incompatible(
+                f"{adapter.method} adapter was initialized with {init!r}, which rewrites the base weights, and was"
+                " saved without converting it back (path_initial_model_for_weight_conversion): its delta is not"
+                " from the shared base"
+            )
+        terms = {}
+        for path, params in adapter.modules().items():
+            params = {name: tensor.to(work) for name, tensor in params.items()}
+            embedding = "lora_embedding_A" in params
+            a = params["lora_embedding_A" if embedding else "lora_A.weight"]
+            b = params["lora_embedding_B" if embedding else "lora_B.weight"]
+            scale = scaling(config, path, a.shape[0])
+            bias = params.get("lora_B.bias")
+            # PEFT scales lora_B's bias along with its output: lora_B(lora_A(x)) * scaling.
+            terms[path] = Term(b=b, a=a * scale, bias=None if bias is None else bias * scale, embedding=embedding)
+        return terms
+
+
+
+METHOD = Lora()

@@ -14,16 +14,18 @@ changed).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from hub.errors import Incompatible, InvalidArtifact
 from hub.formats import Adapter
-from hub.runtime.layers import (
+from hub.methods._site import SiteMethod
+from hub.methods.config import Bool, Int, Number
+from hub.sites import (
     InputTransform,
-    SiteHandle,
-    attach_deltas,
     expect_linear,
     needs_live,
     parameter,
@@ -157,6 +159,23 @@ def build(model: nn.Module, adapter: Adapter) -> dict[str, OFTRotation]:
     return deltas
 
 
-def attach(model: nn.Module, adapter: Adapter, *, name: str, weight: float = 1.0) -> SiteHandle:
-    """Attach a PEFT OFT adapter to ``model``."""
-    return attach_deltas(model, build(model, adapter), adapter=adapter, name=name, method="oft", weight=weight)
+class Oft(SiteMethod):
+    """PEFT's OFT type (module docstring): a rotation of each module's input, on the frozen base."""
+
+    peft_type = "OFT"
+    name = "oft"
+    params = ("oft_R.weight", "oft_R", "oft_s")
+    fields = {"r": Int(0), "oft_block_size": Int(0), "use_cayley_neumann": Bool(), "num_cayley_neumann_terms": Int(1),
+              "coft": Bool(), "eps": Number(), "block_share": Bool(), "fan_in_fan_out": Bool()}
+    mixture_expert = True
+    notes = "PEFT >= 0.14 parameterization (Cayley-Neumann from 0.18); older files are stored only"
+
+    def rank(self, config: Mapping[str, Any], modules: Mapping[str, Any]) -> int | None:
+        rank = config.get("r") or config.get("boft_block_size")
+        return rank if isinstance(rank, int) and not isinstance(rank, bool) else None
+
+    def build(self, model: nn.Module, adapter: Adapter) -> dict[str, OFTRotation]:
+        return build(model, adapter)
+
+
+METHOD = Oft()

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from hub.formats import Adapter
-from hub.methods._virtual_tokens import VirtualTokenHandle, attach_virtual_tokens, prompt_config
+from hub.methods._virtual_tokens import VirtualTokenHandle, VirtualTokenMethod, attach_virtual_tokens, prompt_config
 
 
 def attach(model: nn.Module, adapter: Adapter, *, name: str, weight: float = 1.0) -> VirtualTokenHandle:
@@ -29,3 +29,15 @@ def new_adapter(model: nn.Module, *, num_virtual_tokens: int = 8, seed: int = 0)
     generator = torch.Generator().manual_seed(seed)
     return Adapter(config=config, tensors={"prompt_embeddings": torch.randn(num_virtual_tokens, width,
                                                                           generator=generator)})
+
+
+class PrefixTuning(VirtualTokenMethod):
+    peft_type = "PREFIX_TUNING"
+    name = "prefix_tuning"
+    recipes = {"prefix_tuning": {}}
+    default_lr = 1e-2
+    make = staticmethod(new_adapter)
+    notes = "decoder-only models, without prefix_projection; weight 1 only"
+
+
+METHOD = PrefixTuning()

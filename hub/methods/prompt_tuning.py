@@ -7,6 +7,7 @@ PEFT saves them as ``prompt_embeddings`` [num_virtual_tokens, hidden]. The hub p
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -14,7 +15,14 @@ from torch import nn
 
 from hub.errors import InvalidArtifact
 from hub.formats import Adapter
-from hub.methods._virtual_tokens import VirtualTokenHandle, attach_virtual_tokens, prompt_config
+from hub.methods._virtual_tokens import (
+    VirtualTokenHandle,
+    VirtualTokenMethod,
+    attach_virtual_tokens,
+    prompt_config,
+    sum_prompts,
+)
+from hub.methods.config import Text
 
 INITS = ("sample_vocab", "random", "text")
 
@@ -59,3 +67,24 @@ def new_adapter(
             prompt = embeddings(torch.tensor(ids, device=embeddings.weight.device)).float().cpu()
     config = prompt_config(model, "prompt_tuning", num_virtual_tokens, **fields)
     return Adapter(config=config, tensors={"prompt_embeddings": prompt})
+
+
+class PromptTuning(VirtualTokenMethod):
+    peft_type = "PROMPT_TUNING"
+    name = "prompt_tuning"
+    fields = {**VirtualTokenMethod.fields, "prompt_tuning_init": Text(("RANDOM", "SAMPLE_VOCAB", "TEXT")),
+              "prompt_tuning_init_text": Text()}
+    summable = True
+    recipes = {"prompt_tuning": {}}
+    default_lr = 0.3
+    make = staticmethod(new_adapter)
+    notes = "decoder-only models; weight 1 only"
+
+    def weighted_sum(self, adapters: Sequence[Adapter], weights: Sequence[float]) -> Adapter:
+        summed = sum_prompts(adapters, weights)
+        # The embeddings are loaded from the file: a TEXT init would make PEFT fetch a tokenizer for nothing.
+        summed.config.update(prompt_tuning_init="RANDOM", prompt_tuning_init_text=None)
+        return summed
+
+
+METHOD = PromptTuning()

@@ -11,8 +11,8 @@ from hub.runtime.attach import (
     merge_into_base,
 )
 from hub.runtime.identity import BaseCheck, BaseIdentity, check_base, identify
-from hub.runtime.layers import AdaptedEmbedding, AdaptedLinear, GateContext, SiteHandle, gate_context
 from hub.runtime.load import Base, default_device, load_base, load_tokenizer, place
+from hub.sites import AdaptedEmbedding, AdaptedLinear, GateContext, SiteHandle, gate_context
 
 __all__ = [
     "AdaptedEmbedding",

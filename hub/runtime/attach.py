@@ -5,17 +5,17 @@ target modules, shapes, ranks); a list of adapters is a stack and attaches whole
 works on any model the user loaded (``hub.runtime.identity``); which check passed is on the handle
 (``base_check``) and logged. The model
 keeps a registry of what is attached (``attached(model)``) and, for routing, a gate context
-(``hub.runtime.layers.gate_context``).
+(``hub.sites.gate_context``).
 
-Method modules plug in by name: ``hub.methods.<method>.attach(model, adapter, *, name, weight) -> Handle``.
-A handle that also has ``merge_into_base()`` can be merged; ``dequantize_merged`` merges every attached adapter
-into a full-precision copy.
+Each adapter attaches through its method (``adapter.kind``, from the table in ``hub.methods.table``):
+``method.attach(model, adapter, *, name, weight) -> Handle``; a method the hub only stores says so. A handle that
+also has ``merge_into_base()`` can be merged; ``dequantize_merged`` merges every attached adapter into a
+full-precision copy.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +29,7 @@ from hub.fingerprint import Fingerprint
 from hub.formats import Adapter
 from hub.methods.base import Handle
 from hub.runtime.identity import IDENTITY_ATTR, BaseCheck, check_base
-from hub.runtime.layers import (
+from hub.sites import (
     AdaptedEmbedding,
     AdaptedLinear,
     AdaptedSite,
@@ -114,20 +114,6 @@ def check_fingerprint(model: nn.Module, expected: Fingerprint, *, allow_structur
     return check_base(model, expected, allow_structural=allow_structural)
 
 
-def method_module(method: str) -> Any:
-    if not isinstance(method, str) or not method.isidentifier():
-        raise InvalidArtifact(f"unknown adapter method {method!r}")
-    try:
-        module = importlib.import_module(f"hub.methods.{method}")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"hub.methods.{method}":
-            raise
-        raise InvalidArtifact(f"unknown adapter method {method!r}") from None
-    if not callable(getattr(module, "attach", None)):
-        raise InvalidArtifact(f"unknown adapter method {method!r}")
-    return module
-
-
 def attach(
     model: nn.Module,
     adapter_or_list: Adapter | Sequence[Adapter],
@@ -156,7 +142,10 @@ def attach(
     weights = [float(weight)] * len(adapters) if isinstance(weight, (int, float)) else [float(w) for w in weight]
     if len(weights) != len(adapters):
         raise Incompatible(f"{len(weights)} weights for {len(adapters)} adapters")
-    modules = [method_module(adapter.method) for adapter in adapters]
+    methods = [adapter.kind for adapter in adapters]
+    for method in methods:
+        if not method.attachable:
+            raise method.cannot("attached")
     check = None
     if base_fingerprint is not None:
         check = check_fingerprint(model, base_fingerprint, allow_structural=allow_structural)
@@ -164,8 +153,8 @@ def attach(
     registry = attached(model)
     done: list[AttachedHandle] = []
     try:
-        for adapter, module, adapter_name, adapter_weight in zip(adapters, modules, names, weights, strict=True):
-            inner = module.attach(model, adapter, name=adapter_name, weight=adapter_weight)
+        for adapter, method, adapter_name, adapter_weight in zip(adapters, methods, names, weights, strict=True):
+            inner = method.attach(model, adapter, name=adapter_name, weight=adapter_weight)
             handle = AttachedHandle(model, inner, check)
             registry[adapter_name] = handle
             done.append(handle)

@@ -35,7 +35,7 @@ from hub.fingerprint import (
     shape_hash_of,
     weight_files,
 )
-from hub.runtime.layers import base_weight, is_bnb_4bit, is_bnb_8bit, is_quantized, quantization_of, sites
+from hub.sites import base_weight, is_bnb_4bit, is_bnb_8bit, is_quantized, quantization_of, sites
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from hub.errors import Incompatible, InvalidArtifact
 from hub.fingerprint import Fingerprint, fingerprint_path
-from hub.runtime.layers import disable_cpu_repacking
+from hub.sites import disable_cpu_repacking
 from hub.snapshots import model_files
 
 QUANTIZATIONS = (None, "nf4", "int8")
