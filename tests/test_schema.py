@@ -190,7 +190,7 @@ def test_migration_0003_keeps_every_row(backend: str, request: pytest.FixtureReq
     command.downgrade(alembic_config(url), "0002")  # a registry as the previous release left it
     with pytest.raises(DatabaseError, match=f"is at revision 0002, head is {head_revision()}; run `hub db upgrade`"):
         Registry(url)
-    assert upgrade(url) == head_revision() == "0003"
+    assert upgrade(url) == head_revision()
     with Registry(url) as registry:
         assert rows(registry) == before
         assert registry.get("a@2").parents[0].ref == "a@1" and registry.get("b@prod").ref == "b@1"

@@ -1,7 +1,19 @@
 """The versioned registry: SQLAlchemy models, alembic-managed schema, the Registry service."""
 
 from hub.registry.database import SchemaStatus, current_revision, head_revision, schema_status, upgrade
-from hub.registry.records import BaseInfo, Deleted, LineageEdge, Match, Metric, Parent, Registered, Remote, VersionInfo
+from hub.registry.queries import Page
+from hub.registry.records import (
+    BaseInfo,
+    Deleted,
+    LineageEdge,
+    Match,
+    Metric,
+    NewVersion,
+    Parent,
+    Registered,
+    Remote,
+    VersionInfo,
+)
 from hub.registry.service import Registry
 
 __all__ = [
@@ -10,6 +22,8 @@ __all__ = [
     "LineageEdge",
     "Match",
     "Metric",
+    "NewVersion",
+    "Page",
     "Parent",
     "Registered",
     "Registry",

@@ -120,6 +120,9 @@ class VersionRow(Model):
         UniqueConstraint("adapter_id", "number", name="uq_versions_number"),
         UniqueConstraint("adapter_id", "digest", name="uq_versions_digest"),
         CheckConstraint("status IN ('ready', 'yanked')", name="status"),
+        # Rank filters and newest-first orders (revision 0004).
+        Index("ix_versions_rank", "rank"),
+        Index("ix_versions_created", "created"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -148,6 +151,8 @@ class MetricRow(Model):
         # Metric filters: the rows with key=K and a value in a range. Not covering (no version_id) on purpose:
         # SQLite without statistics would then scan it for per-version lookups instead of using uq_metrics.
         Index("ix_metrics_key_value", "key", "value"),
+        # Conditions and sorts on one dataset or split (`accuracy@gsm8k:test>=0.8`). Revision 0004.
+        Index("ix_metrics_key_dataset_split_value", "key", "dataset", "split", "value"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -185,9 +190,11 @@ class LineageRow(Model):
 
 class TagRow(Model):
     __tablename__ = "tags"
+    # The versions with a tag, answered from the index alone (it replaced ix_tags_tag in revision 0004).
+    __table_args__ = (Index("ix_tags_tag_version_id", "tag", "version_id"),)
 
     version_id: Mapped[int] = mapped_column(ForeignKey("versions.id", ondelete="CASCADE"), primary_key=True)
-    tag: Mapped[str] = mapped_column(String(100), primary_key=True, index=True)
+    tag: Mapped[str] = mapped_column(String(100), primary_key=True)
 
 
 class RemoteRow(Model):

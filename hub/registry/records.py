@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hub.fingerprint import Fingerprint
+
+if TYPE_CHECKING:
+    from hub.formats.spec import AdapterSpec
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,27 @@ class VersionInfo:
             "tags": list(self.tags),
             "parents": [p.to_dict() for p in self.parents],
         }
+
+
+@dataclass(frozen=True)
+class NewVersion:
+    """One version to record (``Registry.register_many``); the fields are ``Registry.register``'s arguments.
+    ``revision`` is filled in by the registry (the base revision its config names)."""
+
+    name: str
+    digest: str
+    spec: AdapterSpec
+    config: dict[str, Any]
+    size_bytes: int
+    base: Fingerprint | None
+    base_name: str | None
+    metrics: tuple[Metric, ...] = ()
+    tags: tuple[str, ...] = ()
+    lineage: tuple[Parent, ...] = ()
+    description: str | None = None
+    number: int | None = None
+    recipe: dict[str, Any] | None = None
+    revision: str | None = None
 
 
 @dataclass(frozen=True)

@@ -4,17 +4,20 @@ Every call is one transaction. Writers serialize per adapter (SQLite: ``BEGIN IM
 adapter row is locked ``FOR UPDATE``), so version numbers are gap-free and unique under concurrent registration;
 lock waits and races are retried inside (``with_retries``) and never reach the caller.
 
-Queries are SQL: filters become WHERE/EXISTS clauses, a metric sort a correlated subquery, and a list of N
-versions costs five round trips (the versions, then their metrics, aliases, tags and parents in batches).
+Listings walk indexes and come in keyset pages (``hub.registry.queries`` explains how); a page of N versions costs
+five round trips (the versions, then their metrics, aliases, tags and parents in batches).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import functools
 import json
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import (
@@ -24,12 +27,10 @@ from sqlalchemy import (
     Select,
     and_,
     bindparam,
-    case,
     delete,
     func,
     literal,
     literal_column,
-    or_,
     select,
     update,
 )
@@ -55,12 +56,23 @@ from hub.registry.models import (
     VersionRow,
     utcnow,
 )
+from hub.registry.queries import (
+    VERSION_COLUMNS,
+    Filters,
+    Page,
+    base_ids,
+    check_limit,
+    fetch,
+    matching_bases,
+    plan,
+)
 from hub.registry.records import (
     BaseInfo,
     Deleted,
     LineageEdge,
     Match,
     Metric,
+    NewVersion,
     Parent,
     Registered,
     Remote,
@@ -80,7 +92,6 @@ from hub.registry.refs import (
     REVISION_MAX,
     STRATEGY_MAX,
     TAG_MAX,
-    Condition,
     check_alias,
     check_dataset,
     check_description,
@@ -90,9 +101,7 @@ from hub.registry.refs import (
     check_split,
     check_text,
     check_value,
-    parse_condition,
     parse_ref,
-    parse_sort,
     shown,
 )
 
@@ -105,20 +114,6 @@ DIGEST = re.compile(r"[0-9a-f]{64}")
 COMPOSITIONS = ("stack", "mixture")
 
 V, A, B = VersionRow, AdapterRow, BaseRow
-
-VERSION_COLUMNS = (
-    V.id, A.name, V.number, V.digest, V.method, V.rank, V.alpha, V.targets, V.config, V.recipe, B.weights_hash,
-    B.shape_hash, B.architecture, B.num_parameters, V.base_name, V.size_bytes, V.created, V.status, A.description,
-)
-
-OPERATORS: dict[str, Callable[[Any, float], ColumnElement[bool]]] = {
-    ">=": lambda column, value: column >= value,
-    "<=": lambda column, value: column <= value,
-    ">": lambda column, value: column > value,
-    "<": lambda column, value: column < value,
-    "=": lambda column, value: column == value,
-    "!=": lambda column, value: column != value,
-}
 
 
 class Registry:
@@ -174,33 +169,10 @@ class Registry:
         """Every check ``register`` makes before it touches the database, with its arguments; the checked metrics,
         tags and parents. Callers run it before storing anything, so a refused registration writes nothing.
         Raises QueryError or InvalidArtifact (one line naming the field)."""
-        check_name(name)
-        if number is not None:
-            check_int(number, "version number", minimum=1)
-        if not isinstance(digest, str) or not DIGEST.fullmatch(digest):
-            raise InvalidArtifact(f"digest {shown(digest)} is not a lowercase sha256 hex string")
-        _check_spec(spec, size_bytes)
-        try:
-            json.dumps(config, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise InvalidArtifact(f"adapter config of {name!r} is not plain JSON: {exc}") from None
-        try:
-            json.dumps(recipe, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise QueryError(f"recipe of {name!r} is not plain JSON: {exc}") from None
-        if description is not None:
-            check_description(description)
-        if base is not None:
-            _check_fingerprint(base)
-        if base_name is not None:
-            check_text(base_name, "base name", BASE_NAME_MAX)
-        metric_list = _check_metrics(metrics)
-        tag_list = _check_tags(tags)
-        parents = [_check_parent(parent) for parent in lineage]
-        revision = config.get("revision") if isinstance(config.get("revision"), str) else None
-        if revision:
-            check_text(revision, "base revision", REVISION_MAX, spaces=False)
-        return metric_list, tag_list, parents
+        entry = _checked(NewVersion(name, digest=digest, spec=spec, config=config, size_bytes=size_bytes, base=base,
+                                    base_name=base_name, metrics=tuple(metrics), tags=tuple(_check_tags(tags)),
+                                    lineage=tuple(lineage), description=description, number=number, recipe=recipe))
+        return list(entry.metrics), list(entry.tags), list(entry.lineage)
 
     def register(
         self,
@@ -225,48 +197,84 @@ class Registry:
         ``number`` asks for a specific version number (a pull keeps the number the version has upstream); it
         is a Conflict when another artifact already holds it. Without it, the next number after the highest.
         ``recipe`` records how the version was made (plain JSON, e.g. a training recipe).
+        Raises what ``check_registration`` raises, Conflict, NotFound (a lineage parent), IntegrityError.
         """
-        metric_list, tag_list, parents = self.check_registration(
-            name, digest=digest, spec=spec, config=config, size_bytes=size_bytes, base=base, base_name=base_name,
-            metrics=metrics, tags=tags, lineage=lineage, description=description, number=number, recipe=recipe)
-        revision = config.get("revision") if isinstance(config.get("revision"), str) else None
+        entry = _checked(NewVersion(name, digest=digest, spec=spec, config=config, size_bytes=size_bytes, base=base,
+                                    base_name=base_name, metrics=tuple(metrics), tags=tuple(_check_tags(tags)),
+                                    lineage=tuple(lineage), description=description, number=number, recipe=recipe))
 
         def work(conn: Connection) -> Registered:
-            adapter_id = self._lock_adapter(conn, name, description)
-            existing = conn.scalar(select(V.id).where(V.adapter_id == adapter_id, V.digest == digest))
-            if existing is not None:
-                _upsert_metrics(conn, existing, metric_list)
-                _add_tags(conn, existing, tag_list)
-                return Registered(self._load(conn, [existing])[0], created=False)
-            if number is None:
-                # After the highest number ever given, deleted versions included: a number never comes back
-                # with other content (a pushed repository keeps its tag v<N> for good).
-                highest = conn.scalar(select(func.max(V.number)).where(V.adapter_id == adapter_id)) or 0
-                chosen = max(highest, conn.scalar(select(A.last_number).where(A.id == adapter_id)) or 0) + 1
-                if chosen > INT32_MAX:
-                    raise QueryError(f"{name} has used every version number up to {INT32_MAX}")
-            else:
-                taken = conn.scalar(select(V.digest).where(V.adapter_id == adapter_id, V.number == number))
-                if taken is not None:
-                    raise Conflict(f"{name}@{number} already exists with another artifact (digest {taken[:12]})")
-                chosen = number
-            base_id = _base_id(conn, base, base_name, revision) if base is not None else None
-            version_id = conn.execute(
-                V.__table__.insert().returning(V.id),
-                dict(adapter_id=adapter_id, number=chosen, digest=digest, method=spec.method, rank=spec.rank,
-                     alpha=spec.alpha, targets=list(spec.targets), config=config, recipe=recipe, base_id=base_id,
-                     base_name=base_name, size_bytes=int(size_bytes), created=utcnow(), status=READY),
-            ).scalar_one()
-            conn.execute(update(A).where(A.id == adapter_id, A.last_number < chosen).values(last_number=chosen))
-            _upsert_metrics(conn, version_id, metric_list)
-            _add_tags(conn, version_id, tag_list)
-            for position, parent in enumerate(parents):
-                conn.execute(LineageRow.__table__.insert(), dict(
-                    version_id=version_id, parent_id=_parent_id(conn, parent), weight=parent.weight,
-                    strategy=parent.strategy, position=position, params=dict(parent.params)))
-            return Registered(self._load(conn, [version_id])[0], created=True)
+            version_id, created = self._insert(conn, entry)
+            return Registered(self._load(conn, [version_id])[0], created=created)
 
         return self._write(work)
+
+    def register_many(self, entries: Sequence[NewVersion]) -> list[Registered]:
+        """``register`` for many versions in ONE transaction: all of them are recorded, or (on any error) none.
+
+        Entries of one name get consecutive numbers in the order given. Raises what ``register`` raises, for the
+        first entry at fault (its name says which).
+        """
+        checked = [_checked(entry) for entry in entries]
+
+        def work(conn: Connection) -> list[Registered]:
+            # Adapters locked in name order, so two batches that share names cannot deadlock each other.
+            descriptions = {entry.name: entry.description for entry in checked}
+            adapters = {name: self._lock_adapter(conn, name, descriptions[name]) for name in sorted(descriptions)}
+            bases: dict[tuple[Any, ...], int] = {}  # a batch is usually all on one base: looked up once
+            results = [self._insert(conn, entry, adapters[entry.name], bases) for entry in checked]
+            versions = self._load(conn, [version_id for version_id, _ in results])
+            return [Registered(version, created) for version, (_, created) in zip(versions, results, strict=True)]
+
+        return self._write(work) if checked else []
+
+    def _insert(self, conn: Connection, entry: NewVersion, adapter_id: int | None = None,
+                bases: dict[tuple[Any, ...], int] | None = None) -> tuple[int, bool]:
+        """Record one checked entry inside the caller's transaction: (version id, whether it is new).
+        ``adapter_id``: the adapter's row, already locked; ``bases``: base ids found so far in this transaction."""
+        name, number, digest = entry.name, entry.number, entry.digest
+        if adapter_id is None:
+            adapter_id = self._lock_adapter(conn, name, entry.description)
+        existing = conn.scalar(select(V.id).where(V.adapter_id == adapter_id, V.digest == digest))
+        if existing is not None:
+            _upsert_metrics(conn, existing, list(entry.metrics))
+            _add_tags(conn, existing, list(entry.tags))
+            return existing, False
+        if number is None:
+            # After the highest number ever given, deleted versions included: a number never comes back
+            # with other content (a pushed repository keeps its tag v<N> for good).
+            highest = conn.scalar(select(func.max(V.number)).where(V.adapter_id == adapter_id)) or 0
+            chosen = max(highest, conn.scalar(select(A.last_number).where(A.id == adapter_id)) or 0) + 1
+            if chosen > INT32_MAX:
+                raise QueryError(f"{name} has used every version number up to {INT32_MAX}")
+        else:
+            taken = conn.scalar(select(V.digest).where(V.adapter_id == adapter_id, V.number == number))
+            if taken is not None:
+                raise Conflict(f"{name}@{number} already exists with another artifact (digest {taken[:12]})")
+            chosen = number
+        spec = entry.spec
+        base_id = None
+        if entry.base is not None:
+            bases = {} if bases is None else bases
+            key = (entry.base, entry.base_name, entry.revision)
+            if key not in bases:
+                bases[key] = _base_id(conn, entry.base, entry.base_name, entry.revision)
+            base_id = bases[key]
+        version_id = conn.execute(
+            V.__table__.insert().returning(V.id),
+            dict(adapter_id=adapter_id, number=chosen, digest=digest, method=spec.method, rank=spec.rank,
+                 alpha=spec.alpha, targets=list(spec.targets), config=entry.config, recipe=entry.recipe,
+                 base_id=base_id, base_name=entry.base_name, size_bytes=int(entry.size_bytes), created=utcnow(),
+                 status=READY),
+        ).scalar_one()
+        conn.execute(update(A).where(A.id == adapter_id, A.last_number < chosen).values(last_number=chosen))
+        _upsert_metrics(conn, version_id, list(entry.metrics))
+        _add_tags(conn, version_id, list(entry.tags))
+        for position, parent in enumerate(entry.lineage):
+            conn.execute(LineageRow.__table__.insert(), dict(
+                version_id=version_id, parent_id=_parent_id(conn, parent), weight=parent.weight,
+                strategy=parent.strategy, position=position, params=dict(parent.params)))
+        return version_id, True
 
     def _lock_adapter(self, conn: Connection, name: str, description: str | None) -> int:
         """The adapter's id, creating the row if needed, locked until the transaction ends."""
@@ -409,24 +417,30 @@ class Registry:
         weights_hash: str | None = None,
         include_yanked: bool = False,
         limit: int | None = None,
-    ) -> list[VersionInfo]:
-        """Versions matching every filter given.
+        after: str | None = None,
+    ) -> Page[VersionInfo]:
+        """Versions matching every filter given, at most ``limit`` of them, from after the cursor ``after``.
 
         ``where``: metric conditions such as ``accuracy>=0.8`` or ``accuracy@gsm8k:test>=0.8`` (operators
         ``>= <= > < = !=``); a version matches when one of its metrics satisfies each; a version without the
         metric never does. ``tags``: all of them. ``sort``: a metric name, highest first by each version's best
         (largest) value, or ``-name`` for lowest first by its smallest; versions without it come last. Without a
         sort: by name, then number.
+
+        The result is a list (``Page``) whose ``next_after`` is the cursor of the next page, None after the last:
+        pages joined end to end are exactly the unpaged result. Raises QueryError (a malformed filter, or a
+        cursor that is malformed or was made by another query).
         """
-        stmt = select(*VERSION_COLUMNS)
-        if weights_hash is not None:
-            stmt = stmt.where(B.weights_hash == check_text(weights_hash, "weights hash", HASH_MAX, spaces=False))
-        stmt = _filter(stmt, name=name, method=method, min_rank=min_rank, max_rank=max_rank, where=where,
-                       tags=tags, include_yanked=include_yanked)
-        stmt = stmt.order_by(*_order(sort), A.name, V.number)
-        if limit is not None:
-            stmt = stmt.limit(_check_limit(limit))
-        return self._read(lambda conn: self._load_rows(conn, conn.execute(stmt).all()))
+        filters = self._filters(name, method, min_rank, max_rank, where, tags, include_yanked)
+        limit = check_limit(limit)
+
+        def work(conn: Connection) -> Page[VersionInfo]:
+            group = None if weights_hash is None else base_ids(conn, weights_hash)
+            listing = plan("list", filters, sort, [(group, False)], {"weights_hash": weights_hash})
+            rows, next_after = fetch(conn, listing, after, limit)
+            return Page(self._load_rows(conn, rows), next_after)
+
+        return self._read(work)
 
     def compatible(
         self,
@@ -441,27 +455,32 @@ class Registry:
         sort: str | None = None,
         include_yanked: bool = False,
         limit: int | None = None,
-    ) -> list[Match]:
+        after: str | None = None,
+    ) -> Page[Match]:
         """Versions whose base has the same weights (exact) or the same tensor names and shapes (structural).
 
-        Exact matches first; within each group the order of ``list`` (``sort``, else name and number).
+        Exact matches first; within each group the order of ``list`` (``sort``, else name and number). Paged as
+        ``list`` is (``limit``, ``after``, ``next_after``). Raises QueryError.
         """
-        same_weights = B.weights_hash == fingerprint.weights_hash
-        bases = select(B.id).where(or_(same_weights, B.shape_hash == fingerprint.shape_hash))
-        exact = case((same_weights, 1), else_=0).label("exact")
-        stmt = select(*VERSION_COLUMNS, exact).where(V.base_id.in_(bases.scalar_subquery()))
-        stmt = _filter(stmt, name=name, method=method, min_rank=min_rank, max_rank=max_rank, where=where,
-                       tags=tags, include_yanked=include_yanked)
-        stmt = stmt.order_by(exact.desc(), *_order(sort), A.name, V.number)
-        if limit is not None:
-            stmt = stmt.limit(_check_limit(limit))
+        filters = self._filters(name, method, min_rank, max_rank, where, tags, include_yanked)
+        limit = check_limit(limit)
 
-        def work(conn: Connection) -> list[Match]:
-            rows = conn.execute(stmt).all()
+        def work(conn: Connection) -> Page[Match]:
+            exact, structural = matching_bases(conn, fingerprint.weights_hash, fingerprint.shape_hash)
+            listing = plan("compatible", filters, sort, [(exact, True), (structural, False)],
+                           {"weights_hash": fingerprint.weights_hash, "shape_hash": fingerprint.shape_hash})
+            rows, next_after = fetch(conn, listing, after, limit)
             versions = self._load_rows(conn, rows)
-            return [Match(version, exact=bool(row.exact)) for version, row in zip(versions, rows, strict=True)]
+            return Page([Match(version, exact=bool(row.exact)) for version, row in zip(versions, rows, strict=True)],
+                        next_after)
 
         return self._read(work)
+
+    @staticmethod
+    def _filters(name: str | None, method: str | None, min_rank: int | str | None, max_rank: int | str | None,
+                 where: Sequence[str], tags: Sequence[str], include_yanked: bool) -> Filters:
+        return Filters.checked(name=name, method=method, min_rank=min_rank, max_rank=max_rank, where=where,
+                               tags=tags, include_yanked=include_yanked, check_tags=_check_tags)
 
     def find_digest(self, digest: str) -> list[VersionInfo]:
         """Every version, under any name and yanked or not, whose artifact is ``digest``."""
@@ -549,8 +568,7 @@ class Registry:
     # ------------------------------------------------------------------------------------------ hydration
 
     def _load(self, conn: Connection, version_ids: list[int]) -> list[VersionInfo]:
-        stmt = _joined(select(*VERSION_COLUMNS)).where(_among(conn, V.id, version_ids))
-        by_id = {row.id: row for row in conn.execute(stmt)}
+        by_id = {row.id: row for row in conn.execute(_hydration(conn.dialect.name).versions, _ids(conn, version_ids))}
         return self._load_rows(conn, [by_id[i] for i in version_ids])
 
     def _load_rows(self, conn: Connection, rows: Sequence[Any]) -> list[VersionInfo]:
@@ -559,27 +577,15 @@ class Registry:
         aliases: dict[int, list[str]] = defaultdict(list)
         tags: dict[int, list[str]] = defaultdict(list)
         parents: dict[int, list[Parent]] = defaultdict(list)
-        ids = [row.id for row in rows]
-        if ids:
-            for vid, key, value, dataset, split in conn.execute(
-                    select(MetricRow.version_id, MetricRow.key, MetricRow.value, MetricRow.dataset, MetricRow.split)
-                    .where(_among(conn, MetricRow.version_id, ids))
-                    .order_by(MetricRow.version_id, MetricRow.key, MetricRow.dataset, MetricRow.split)):
+        if rows:
+            statements, ids = _hydration(conn.dialect.name), _ids(conn, [row.id for row in rows])
+            for vid, key, value, dataset, split in conn.execute(statements.metrics, ids):
                 metrics[vid].append(Metric(key, value, dataset or None, split or None))
-            for vid, alias in conn.execute(select(AliasRow.version_id, AliasRow.alias)
-                                           .where(_among(conn, AliasRow.version_id, ids)).order_by(AliasRow.alias)):
+            for vid, alias in conn.execute(statements.aliases, ids):
                 aliases[vid].append(alias)
-            for vid, tag in conn.execute(select(TagRow.version_id, TagRow.tag)
-                                         .where(_among(conn, TagRow.version_id, ids)).order_by(TagRow.tag)):
+            for vid, tag in conn.execute(statements.tags, ids):
                 tags[vid].append(tag)
-            parent_v, parent_a = aliased(V), aliased(A)
-            for row in conn.execute(
-                    select(LineageRow.version_id, parent_a.name, parent_v.number, parent_v.digest, LineageRow.weight,
-                           LineageRow.strategy, LineageRow.params)
-                    .join(parent_v, parent_v.id == LineageRow.parent_id)
-                    .join(parent_a, parent_a.id == parent_v.adapter_id)
-                    .where(_among(conn, LineageRow.version_id, ids))
-                    .order_by(LineageRow.version_id, LineageRow.position)):
+            for row in conn.execute(statements.parents, ids):
                 parents[row.version_id].append(
                     Parent(row.name, row.number, row.digest, row.weight, row.strategy, row.params or {}))
         return [
@@ -599,62 +605,50 @@ class Registry:
 # ------------------------------------------------------------------------------------------------ SQL pieces
 
 
-def _among(conn: Connection, column: Any, ids: list[int]) -> ColumnElement[bool]:
-    """``column IN ids`` with the ids as ONE parameter (a JSON array on SQLite, an array on PostgreSQL): no limit
-    on their number, and none of the per-parameter cost of an expanded ``IN (?, ?, ...)`` for thousands of rows."""
-    if conn.dialect.name == "postgresql":
-        return column == func.any(bindparam("ids", ids, type_=postgresql.ARRAY(Integer)))
-    return column.in_(select(literal_column("value")).select_from(func.json_each(json.dumps(ids))))
+def _among(dialect: str, column: Any) -> ColumnElement[bool]:
+    """``column IN :ids`` with the ids as ONE parameter (a JSON array on SQLite, an array on PostgreSQL; see
+    ``_ids``): no limit on their number, and none of the per-parameter cost of an expanded ``IN (?, ?, ...)``."""
+    if dialect == "postgresql":
+        return column == func.any(bindparam("ids", type_=postgresql.ARRAY(Integer)))
+    return column.in_(select(literal_column("value")).select_from(func.json_each(bindparam("ids"))))
+
+
+def _ids(conn: Connection, ids: list[int]) -> dict[str, Any]:
+    return {"ids": ids if conn.dialect.name == "postgresql" else json.dumps(ids)}
+
+
+@dataclass(frozen=True)
+class _Hydration:
+    """The statements that turn version ids into VersionInfos, each taking the ids as one parameter."""
+
+    versions: Select[Any]
+    metrics: Select[Any]
+    aliases: Select[Any]
+    tags: Select[Any]
+    parents: Select[Any]
+
+
+@functools.cache
+def _hydration(dialect: str) -> _Hydration:
+    # Built once per backend: building SQLAlchemy statements costs more than running them for a page of rows.
+    parent_v, parent_a = aliased(V), aliased(A)
+    return _Hydration(
+        versions=_joined(select(*VERSION_COLUMNS)).where(_among(dialect, V.id)),
+        metrics=select(MetricRow.version_id, MetricRow.key, MetricRow.value, MetricRow.dataset, MetricRow.split)
+        .where(_among(dialect, MetricRow.version_id))
+        .order_by(MetricRow.version_id, MetricRow.key, MetricRow.dataset, MetricRow.split),
+        aliases=select(AliasRow.version_id, AliasRow.alias).where(_among(dialect, AliasRow.version_id))
+        .order_by(AliasRow.alias),
+        tags=select(TagRow.version_id, TagRow.tag).where(_among(dialect, TagRow.version_id)).order_by(TagRow.tag),
+        parents=select(LineageRow.version_id, parent_a.name, parent_v.number, parent_v.digest, LineageRow.weight,
+                       LineageRow.strategy, LineageRow.params)
+        .join(parent_v, parent_v.id == LineageRow.parent_id).join(parent_a, parent_a.id == parent_v.adapter_id)
+        .where(_among(dialect, LineageRow.version_id)).order_by(LineageRow.version_id, LineageRow.position),
+    )
 
 
 def _joined(stmt: Select[Any]) -> Select[Any]:
     return stmt.select_from(V).join(A, A.id == V.adapter_id).outerjoin(B, B.id == V.base_id)
-
-
-def _filter(stmt: Select[Any], *, name: str | None, method: str | None, min_rank: int | None,
-            max_rank: int | None, where: Sequence[str], tags: Sequence[str], include_yanked: bool) -> Select[Any]:
-    conditions: list[Condition] = [parse_condition(text) for text in _strings(where)]
-    stmt = _joined(stmt)
-    if name is not None:
-        stmt = stmt.where(A.name == check_name(name))
-    if method is not None:
-        stmt = stmt.where(V.method == check_text(method, "method", METHOD_MAX, spaces=False).lower())
-    if min_rank is not None:
-        stmt = stmt.where(V.rank >= check_int(min_rank, "minimum rank"))
-    if max_rank is not None:
-        stmt = stmt.where(V.rank <= check_int(max_rank, "maximum rank"))
-    # Uncorrelated IN (subquery): computed once from the (key, value) index and probed per version. A correlated
-    # EXISTS made SQLite walk that index range once per version, quadratic in the registry's size.
-    for cond in conditions:
-        clauses = [MetricRow.key == cond.key, OPERATORS[cond.op](MetricRow.value, cond.value)]
-        if cond.dataset is not None:
-            clauses.append(MetricRow.dataset == cond.dataset)
-        if cond.split is not None:
-            clauses.append(MetricRow.split == cond.split)
-        stmt = stmt.where(V.id.in_(select(MetricRow.version_id).where(*clauses)))
-    for tag in _check_tags(_strings(tags)):
-        stmt = stmt.where(V.id.in_(select(TagRow.version_id).where(TagRow.tag == tag)))
-    if not include_yanked:
-        stmt = stmt.where(V.status == READY)
-    return stmt
-
-
-def _strings(values: Sequence[str]) -> list[str]:
-    # A bare string would be iterated character by character: a likely slip, caught here.
-    return [values] if isinstance(values, str) else list(values)
-
-
-def _order(sort: str | None) -> list[Any]:
-    """ORDER BY terms for ``sort``: each version's best value of the metric, found through uq_metrics."""
-    if sort is None:
-        return []
-    key, descending = parse_sort(sort)
-    best = (func.max if descending else func.min)(MetricRow.value)
-    # Correlated, so it runs only for the rows that passed the filters, and must look them up by version_id.
-    # `key || ''` keeps SQLite (without statistics) from answering max(value) WHERE key=? by walking
-    # ix_metrics_key_value backwards over every version's rows, which made a sort quadratic.
-    score = select(best).where(MetricRow.version_id == V.id, MetricRow.key + "" == key).scalar_subquery()
-    return [score.desc().nulls_last() if descending else score.asc().nulls_last()]
 
 
 def _resolve(conn: Connection, ref: str) -> int:
@@ -726,6 +720,37 @@ def _base_id(conn: Connection, base: Fingerprint, base_name: str | None, revisio
     return base_id
 
 
+def _checked(entry: NewVersion) -> NewVersion:
+    """``entry`` with its values checked and normalized (metrics, tags sorted, the base revision from its config).
+    Raises QueryError, InvalidArtifact."""
+    name = entry.name
+    check_name(name)
+    if entry.number is not None:
+        check_int(entry.number, "version number", minimum=1)
+    if not isinstance(entry.digest, str) or not DIGEST.fullmatch(entry.digest):
+        raise InvalidArtifact(f"digest {shown(entry.digest)} is not a lowercase sha256 hex string")
+    _check_spec(entry.spec, entry.size_bytes)
+    try:
+        json.dumps(entry.config, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArtifact(f"adapter config of {name!r} is not plain JSON: {exc}") from None
+    try:
+        json.dumps(entry.recipe, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise QueryError(f"recipe of {name!r} is not plain JSON: {exc}") from None
+    if entry.description is not None:
+        check_description(entry.description)
+    if entry.base is not None:
+        _check_fingerprint(entry.base)
+    if entry.base_name is not None:
+        check_text(entry.base_name, "base name", BASE_NAME_MAX)
+    revision = entry.config.get("revision") if isinstance(entry.config.get("revision"), str) else None
+    if revision:
+        check_text(revision, "base revision", REVISION_MAX, spaces=False)
+    return dataclasses.replace(entry, metrics=tuple(_check_metrics(entry.metrics)), tags=tuple(_check_tags(entry.tags)),
+                               lineage=tuple(_check_parent(parent) for parent in entry.lineage), revision=revision)
+
+
 def _check_metrics(metrics: Iterable[Metric]) -> list[Metric]:
     result = []
     for metric in metrics:
@@ -777,10 +802,6 @@ def _digest_referenced(conn: Connection, digest: str) -> bool:
     # Composition configs are few; a JSON path query would differ between SQLite and PostgreSQL.
     return any(digest in member_digests(method, config)
                for method, config in conn.execute(select(V.method, V.config).where(V.method.in_(COMPOSITIONS))))
-
-
-def _check_limit(limit: int) -> int:
-    return check_int(limit, "limit", maximum=INT64_MAX)
 
 
 def _check_parent(parent: Parent) -> Parent:
