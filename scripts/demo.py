@@ -8,6 +8,8 @@
    fitted on a small mixed set; register each with its lineage and metrics.
 5. Print the comparison table (base, single adapters, sums, mixture, oracle) on each task and on the mixed set.
 6. Push every version to a local Hub-compatible server and pull them into a second, empty registry.
+7. Start `hub serve` on the base and ask it, through the OpenAI client, with a registered adapter, a per-request
+   weighted composition and the mixture; print what each returned.
 
 The registry is left in HUB_HOME (default ~/.adapter-hub) for `hub list`. Training is seeded, so a re-run
 produces the same digests and registers nothing new.
@@ -16,7 +18,10 @@ produces the same digests and registers nothing new.
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import time
@@ -136,11 +141,67 @@ def main() -> None:
             same = pulled.version.digest == hub.get(pulled.version.ref).digest
             say(f"   pulled {pulled.version.ref} from {p.repo_id}@{p.tag}: digest {'matches' if same else 'DIFFERS'}")
 
+    say("7. serve: hub serve on the base, asked through the OpenAI client")
+    questions = {task: examples(task, "test", 1)[0] for task in TASKS}
+    first, second = list(TASKS)[:2]
+    asks = [(f"adapter {experts[first]}", experts[first], None, questions[first]),
+            (f"weighted {first} 0.5 + {second} 0.5", "base", [{"model": experts[first], "weight": 0.5},
+                                                            {"model": experts[second], "weight": 0.5}],
+             questions[second]),
+            ("mixture", "mixture", None, questions[second])]
+    for label, answer in serve_and_ask(hub, base_dir, asks):
+        say(f"   {label:<34} -> {answer!r}")
+
     if args.example:
         write_example(hub, args.example)
         say(f"   wrote {args.example}")
     say(f"done in {time.perf_counter() - started:.0f} s; explore with: hub list, hub show mixture, "
         f"hub list --compatible-with {base_dir}")
+
+
+def serve_and_ask(hub: Hub, base_dir: Path, asks: list, *, quantize: str = "nf4") -> list[tuple[str, str]]:
+    """Start `hub serve` on ``base_dir`` (served as "base") over ``hub``'s registry, send every ask at once
+    (label, model, per-request adapters or None, example) as a greedy completion, stop the server; return
+    (label, text) in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx2 as httpx
+    from openai import OpenAI
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "HUB_HOME": str(hub.settings.home), "HUB_DATABASE_URL": hub.settings.database_url,
+           **({"HUB_STORE": str(hub.settings.store)} if hub.settings.store else {})}
+    command = [str(Path(sys.executable).parent / "hub"), "serve", "--base", str(base_dir), "--quantize", quantize,
+               "--port", str(port), "--served-model-name", "base"]
+    server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("hub serve did not start (run it by hand to see why)")
+            time.sleep(0.5)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        say(f"   hub serve on http://127.0.0.1:{port}/v1 lists "
+            f"{len(client.models.list().data)} models (the base, every version by name, number and alias)")
+
+        def ask(item: tuple) -> tuple[str, str]:
+            label, model, adapters, example = item
+            response = client.completions.create(model=model, prompt=example.prompt, max_tokens=24, temperature=0,
+                                                 extra_body={"adapters": adapters} if adapters else None)
+            return f"{label} ({example.prompt.strip()[:20]}…)", response.choices[0].text.strip()
+
+        with ThreadPoolExecutor(len(asks)) as pool:  # together: they share the server's batches
+            return list(pool.map(ask, asks))
+    finally:
+        server.terminate()
+        server.wait(60)
 
 
 def write_example(hub: Hub, target: Path) -> None:

@@ -1,8 +1,10 @@
 """CUDA checks for bring-your-own-model: the same adapters, sums and mixtures on a tiny Llama loaded by plain
 transformers on the GPU (fp32, bf16, nf4 through BitsAndBytesConfig), against PEFT on the same GPU model and
-against the hub-loaded base on the CPU. Prints one line per figure; exits 1 when a figure is over its tolerance,
-0 with a plain SKIPPED line when there is no CUDA GPU. ``--device cpu`` runs the same checks on the CPU (to try
-the script on a machine without a GPU)."""
+against the hub-loaded base on the CPU. Then serving: `hub serve --device cuda` (fp32 and nf4) answering concurrent
+requests for two adapters, a per-request weighted composition and the base, each greedy completion compared token
+for token with in-process generation on the same GPU. Prints one line per figure; exits 1 when a figure is over
+its tolerance, 0 with a plain SKIPPED line when there is no CUDA GPU. ``--device cpu`` runs the same checks on the
+CPU (to try the script on a machine without a GPU)."""
 
 from __future__ import annotations
 
@@ -104,9 +106,85 @@ def main(device: str = "cuda") -> int:
         report(f"{mode} mixture fit losses: {device} vs cpu",
                max(abs(x - y) for x, y in zip(fits[0][0], fits[1][0], strict=True)), tol)
         report(f"{mode} fitted mixture logits: {device} vs cpu", diff(fits[0][1], fits[1][1]), tol)
+    tokenizer.save_pretrained(root / "base")  # the server needs the base's tokenizer
+    for quantize in (None, "nf4"):
+        mismatches, total = serving(hub, root / "base", device, quantize)
+        report(f"serve {quantize or 'fp32'} on {device}: {total - mismatches}/{total} greedy completions equal",
+               mismatches, 0)
     where = torch.cuda.get_device_name() if device == "cuda" else device
     print(f"gpu_check: {'all checks passed' if not failures else f'{failures} check(s) FAILED'} on {where}")
     return 1 if failures else 0
+
+
+def serving(hub, base: Path, device: str, quantize: str | None) -> tuple[int, int]:
+    """`hub serve` on ``device`` (uvicorn on a thread, a free 127.0.0.1 port): 8 concurrent greedy requests over
+    "a", "b", a weighted [a 0.7, b 0.3] and the base; returns (completions differing from in-process, total)."""
+    import socket
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx2 as httpx
+    import uvicorn
+    from openai import OpenAI
+
+    from hub.composition import activate, compose
+    from hub.runtime import load_base
+    from hub.server import ServerConfig
+    from hub.server.app import create_app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    app = create_app(hub, ServerConfig(base=str(base), quantize=quantize, device=device, served_model_name="base"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while True:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health")
+                if health.status_code == 200:
+                    break
+                if health.json()["status"] == "failed":
+                    raise SystemExit(f"gpu_check: the server failed to load: {health.json()}")
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        cases = [("a", None), ("b", None), ("base", [{"model": "a", "weight": 0.7}, {"model": "b", "weight": 0.3}]),
+                 ("base", None)] * 2
+        prompts = [f"q{i} answer" for i in range(len(cases))]
+
+        def ask(i: int) -> list[int]:
+            model, adapters = cases[i]
+            body = {"return_token_ids": True, **({"adapters": adapters} if adapters else {})}
+            response = client.completions.create(model=model, prompt=prompts[i], max_tokens=12, temperature=0,
+                                                 extra_body=body)
+            return list(response.choices[0].model_extra["token_ids"])
+
+        with ThreadPoolExecutor(len(cases)) as pool:
+            served = list(pool.map(ask, range(len(cases))))
+    finally:
+        server.should_exit = True
+        thread.join(30)
+    loaded = load_base(base, quantize=quantize, device=device)
+    mismatches = 0
+    for (model, adapters), prompt, tokens in zip(cases, prompts, served, strict=True):
+        source = None if model == "base" and not adapters else model
+        if adapters:
+            source = compose([a["model"] for a in adapters], [a["weight"] for a in adapters], kind="stack", hub=hub)
+        handle = activate(loaded.model, source, hub=hub) if source is not None else None
+        ids = loaded.tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+        with torch.no_grad():
+            # The server ends a completion at the generation config's or the tokenizer's end token: so does this.
+            eos = sorted({loaded.model.generation_config.eos_token_id, loaded.tokenizer.eos_token_id} - {None})
+            out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                                        eos_token_id=eos)
+        if handle is not None:
+            handle.detach()
+        mismatches += out[0, ids.shape[1]:].tolist() != tokens
+    return mismatches, len(cases)
 
 
 def _char_tokenizer():
