@@ -7,6 +7,8 @@ with HUB_DEBUG=1.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import sys
@@ -19,12 +21,16 @@ import click
 from cli.compose import compose
 from cli.evaluate import evaluate_command
 from cli.output import print_json, print_table, version_rows
+from cli.serve import serve
 from cli.train import train
+from cli.web import diff, search, ui
 from hub.client import Hub, Query, parse_metric, parse_remote_ref
 from hub.errors import HubError, QueryError
 from hub.secrets import scrub
 
 INTERNAL_ERROR = 70  # EX_SOFTWARE
+LIST_LIMIT = 100  # what `hub list` shows unless told otherwise
+STREAM_PAGE = 1000  # versions per query when `hub list --all` streams
 
 
 class HubGroup(click.Group):
@@ -39,6 +45,10 @@ class HubGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
             sys.exit(130)
+        except BrokenPipeError:
+            # The reader went away (`hub list | head`): nothing more to say, and nobody to say it to.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(141)
         except OSError as exc:
             # A local file problem the hub did not foresee: say what failed, not where in the code.
             what = exc.strerror or type(exc).__name__
@@ -118,6 +128,28 @@ def register(directory: str, name: str, base: str, metrics: tuple[str, ...], tag
     click.echo(f"{verb} {result.version.ref} ({result.version.method}, digest {result.version.digest[:12]})")
 
 
+@cli.command(name="import")
+@click.argument("directories", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=str))
+@click.option("--base", "base", required=True, help="Base model folder or Hub id they were trained on.")
+@click.option("--name", default=None, help="Register all as versions of NAME, in the order given (default: each "
+              "folder's own name).")
+@click.option("--metric", "metrics", multiple=True, help="KEY[@DATASET[:SPLIT]]=VALUE for every version, repeatable.")
+@click.option("--tag", "tags", multiple=True, help="Tag for every version, repeatable.")
+@click.option("--description", default=None)
+@click.option("--json", "as_json", is_flag=True, help="Print the versions as JSON.")
+def import_(directories: tuple[str, ...], base: str, name: str | None, metrics: tuple[str, ...],
+            tags: tuple[str, ...], description: str | None, as_json: bool) -> None:
+    """Register many PEFT adapter folders at once (a few transactions, folders hashed in parallel)."""
+    results = Hub().register_many(list(directories), base=base, name=name, metrics=metric_option(metrics), tags=tags,
+                                  description=description)
+    if as_json:
+        print_json([{**r.version.to_dict(), "created": r.created} for r in results])
+        return
+    for result in results:
+        click.echo(f"{'registered' if result.created else 'already registered as'} {result.version.ref}")
+    click.echo(f"{sum(r.created for r in results)} new versions of {len(results)} folders", err=True)
+
+
 @cli.command(name="list")
 @click.option("--compatible-with", "compatible_with", default=None, help="Base model folder or name.")
 @click.option("--remote", "remote_repo", default=None, help="List a Hub repo's versions from their cards (ORG/NAME).")
@@ -131,35 +163,58 @@ def register(directory: str, name: str, base: str, metrics: tuple[str, ...], tag
 @click.option("--where", "where", multiple=True, help="Metric condition such as 'accuracy>=0.8', repeatable.")
 @click.option("--tag", "tags", multiple=True)
 @click.option("--sort", default=None, help="Metric to sort by, best (highest) first; '-METRIC' for lowest first.")
-@click.option("--all", "include_yanked", is_flag=True, help="Include yanked versions.")
+@click.option("--yanked", "--include-yanked", "include_yanked", is_flag=True, help="Include yanked versions.")
+@click.option("--limit", default=str(LIST_LIMIT), show_default=True,
+              callback=lambda _c, _p, v: ascii_number(v, "--limit"), help="Show at most this many versions.")
+@click.option("--after", default=None, help="Continue after this cursor (printed when more versions match).")
+@click.option("--all", "everything", is_flag=True, help="Every matching version, fetched page by page.")
 @click.option("--folders", is_flag=True, help="With --remote ORG/NAME[@REV]: the folders holding an adapter.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON array.")
+@click.option("--jsonl", "as_jsonl", is_flag=True, help="JSON Lines, one version per line, printed as they come.")
 def list_(compatible_with: str | None, remote_repo: str | None, weights_hash: str | None, name: str | None,
           method: str | None, min_rank: str | None, max_rank: str | None, where: tuple[str, ...], tags: tuple[str, ...],
-          sort: str | None, include_yanked: bool, folders: bool, as_json: bool) -> None:
-    """List registered versions, optionally only those compatible with a base."""
+          sort: str | None, include_yanked: bool, limit: str, after: str | None, everything: bool, folders: bool,
+          as_json: bool, as_jsonl: bool) -> None:
+    """List registered versions, optionally only those compatible with a base.
+
+    At most --limit versions (a note on stderr says how to see more); --all streams every one.
+    """
     hub = Hub()
     if remote_repo:
         _list_remote(hub, remote_repo, compatible_with, folders, as_json)
         return
     if folders:
         raise click.UsageError("--folders lists the adapters of a --remote repo")
+    if as_json and as_jsonl:
+        raise click.UsageError("--json and --jsonl are two formats: choose one")
     query = Query(name=name, method=method, min_rank=min_rank, max_rank=max_rank, where=where, tags=tags, sort=sort,
-                  include_yanked=include_yanked, weights_hash=weights_hash)
-    if compatible_with:
-        matches = hub.compatible(compatible_with, query)
-        versions = [m.version for m in matches]
-        match_kinds = ["exact" if m.exact else "structural" for m in matches]
-    else:
-        versions = hub.list(query)
-        match_kinds = None
-    if as_json:
-        rows = [v.to_dict() for v in versions]
-        for row, kind in zip(rows, match_kinds or [], strict=False):
-            row["match"] = kind
-        print_json(rows)
-        return
-    print_table(*version_rows(versions, match_kinds))
+                  include_yanked=include_yanked, weights_hash=weights_hash, after=after,
+                  limit=STREAM_PAGE if everything else int(limit))
+    base = hub.fingerprint(compatible_with) if compatible_with else None
+    rows: list[tuple[Any, str | None]] = []  # (version, match kind)
+    while True:
+        if base is not None:
+            matches = hub.compatible(base, query)
+            page = [(m.version, "exact" if m.exact else "structural") for m in matches]
+            next_after = matches.next_after
+        else:
+            versions = hub.list(query)
+            page, next_after = [(v, None) for v in versions], versions.next_after
+        if as_jsonl:
+            for version, kind in page:
+                click.echo(json.dumps({**version.to_dict(), **({"match": kind} if kind else {})}, default=str))
+        else:
+            rows += page
+        if not everything or next_after is None:
+            break
+        query = dataclasses.replace(query, after=next_after)
+    if not as_jsonl:
+        if as_json:
+            print_json([{**v.to_dict(), **({"match": kind} if kind else {})} for v, kind in rows])
+        else:
+            print_table(*version_rows([v for v, _ in rows], [k or "" for _, k in rows] if base is not None else None))
+    if next_after is not None and not everything:
+        click.echo(f"note: more versions match; the next {limit}: --after {next_after} (every one: --all)", err=True)
 
 
 def _list_remote(hub: Hub, repo: str, compatible_with: str | None, folders: bool, as_json: bool) -> None:
@@ -314,9 +369,23 @@ def gc(remove: bool, as_json: bool) -> None:
 @cli.command()
 @click.argument("ref")
 @click.argument("directory", type=click.Path(path_type=str))
+@click.option("--for", "target", type=click.Choice(["peft", "vllm"]), default="peft", show_default=True,
+              help="vllm: one plain LoRA at one of vLLM's ranks (LoRA-family versions, sums, stacks).")
+@click.option("--base-model", default=None, help="With --for vllm: the model id vLLM serves (default: the base's "
+              "Hub id).")
 @click.option("--json", "as_json", is_flag=True)
-def export(ref: str, directory: str, as_json: bool) -> None:
+def export(ref: str, directory: str, target: str, base_model: str | None, as_json: bool) -> None:
     """Write version REF as a PEFT adapter folder DIRECTORY."""
+    if target == "vllm":
+        result = Hub().export_for_vllm(ref, directory, base_model=base_model)
+        if as_json:
+            print_json(result.to_dict())
+            return
+        reduced = f", reduced by SVD from rank {result.source_rank}" if result.reduced else ""
+        click.echo(f"exported {result.ref} for vLLM to {result.path}: rank {result.rank}{reduced}, "
+                   f"{result.modules} modules, relative error {result.relative_error:.2e}; serve it with "
+                   f"--enable-lora --max-lora-rank {result.rank} on {result.base_model}")
+        return
     path = Hub().export(ref, directory)
     if as_json:
         print_json({"ref": ref, "path": str(path)})
@@ -379,6 +448,10 @@ def fingerprint_(model: str, as_json: bool) -> None:
 cli.add_command(train)
 cli.add_command(evaluate_command)
 cli.add_command(compose)
+cli.add_command(ui)
+cli.add_command(search)
+cli.add_command(diff)
+cli.add_command(serve)
 
 
 @cli.group()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -9,6 +10,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,14 +20,30 @@ from hub.errors import Conflict, HubError, InvalidArtifact, NotFound, QueryError
 from hub.fingerprint import Fingerprint, fingerprint
 from hub.formats import Adapter, adapter_digest, read_adapter, write_adapter
 from hub.lifecycle import member_digests, store_and_register
-from hub.registry import BaseInfo, LineageEdge, Match, Metric, Parent, Registered, Registry, VersionInfo
+from hub.methods.fit import check_fit, stored_fit
+from hub.registry import (
+    BaseInfo,
+    LineageEdge,
+    Match,
+    Metric,
+    NewVersion,
+    Page,
+    Parent,
+    Registered,
+    Registry,
+    VersionInfo,
+)
 from hub.registry import Remote as RemoteRecord
+from hub.registry.refs import check_int
 from hub.store import Store
 
 if TYPE_CHECKING:
     from hub.data import Example
+    from hub.diff import Diff
+    from hub.export_vllm import VllmExport
     from hub.lifecycle import DeleteReport, GcReport
     from hub.registry import SchemaStatus
+    from hub.registry.search import SearchHit
     from hub.remote import PullResult, PushResult
     from hub.remote import Remote as RemoteClient
     from hub.train import Recipe
@@ -37,6 +55,10 @@ log = logging.getLogger(__name__)
 
 BaseLike = Fingerprint | str | os.PathLike[str] | Any
 SMOLLM2 = "smollm2"  # shortcut for the cached SmolLM2-135M-Instruct folder (hub.runtime.pretrained)
+# Versions per transaction in register_many: large enough to amortize commits, small enough to hold its locks.
+BATCH_SIZE = 500
+REGISTER_FIELDS = ("digest", "spec", "config", "size_bytes", "base", "base_name", "metrics", "tags", "lineage",
+                   "description", "number", "recipe")
 METRIC_ARG = re.compile(r"^(?P<key>[A-Za-z_][\w.-]*)(@(?P<dataset>[^:=]+)(:(?P<split>[^=]+))?)?=(?P<value>.+)$")
 
 
@@ -46,7 +68,8 @@ class Query:
 
     ``where``: metric conditions (``accuracy>=0.8``, ``accuracy@gsm8k:test>=0.8``); ``tags``: all of them;
     ``sort``: a metric, highest first (``-metric``: lowest first); ``weights_hash``: only versions on that base
-    (``list`` only; ``compatible`` takes the base itself).
+    (``list`` only; ``compatible`` takes the base itself). ``limit`` and ``after`` page through the results: pass
+    a page's ``next_after`` as ``after`` (with the same filters) for the page that follows.
     """
 
     name: str | None = None
@@ -59,11 +82,12 @@ class Query:
     include_yanked: bool = False
     limit: int | None = None
     weights_hash: str | None = None
+    after: str | None = None
 
     def filters(self) -> dict[str, Any]:
         return {"name": self.name, "method": self.method, "min_rank": self.min_rank, "max_rank": self.max_rank,
                 "where": tuple(self.where), "tags": tuple(self.tags), "sort": self.sort,
-                "include_yanked": self.include_yanked, "limit": self.limit}
+                "include_yanked": self.include_yanked, "limit": self.limit, "after": self.after}
 
 
 @dataclass(frozen=True)
@@ -174,6 +198,8 @@ class Hub:
         """
         adapter = source if isinstance(source, Adapter) else read_adapter(source)
         base_fp = self.fingerprint(base) if base is not None else None
+        if base is not None:  # its shapes, checked against what the adapter's tensors need (hub.methods.fit)
+            check_fit(adapter, base, cache_dir=self.settings.cache_dir)
         if base_name is None and base is not None and not isinstance(base, Fingerprint):
             base_name = str(base) if isinstance(base, (str, os.PathLike)) else getattr(base, "name_or_path", None)
         digest = adapter_digest(adapter)
@@ -194,6 +220,72 @@ class Hub:
         # the version is committed, and a failure removes an artifact this call added once nothing refers to it.
         return store_and_register(self.store, registry, digest, lambda: self.store.put(adapter, digest=digest),
                                   register, members=member_digests(adapter.spec.method, adapter.config))
+
+    def register_many(
+        self,
+        sources: Sequence[str | os.PathLike[str] | Adapter],
+        *,
+        base: BaseLike | None,
+        name: str | None = None,
+        base_name: str | None = None,
+        metrics: Mapping[str, float] | Iterable[Metric] = (),
+        tags: Iterable[str] = (),
+        description: str | None = None,
+        batch_size: int = BATCH_SIZE,
+        workers: int | None = None,
+    ) -> list[Registered]:
+        """Register many adapters at once: each as ``register`` would, with the same guarantees, in a few
+        transactions (one per ``batch_size`` versions) instead of one per version.
+
+        ``name``: one adapter name for all of them (versions in the order given); by default each folder's own name
+        (an in-memory Adapter then needs ``name``). ``base``, ``metrics``, ``tags`` and ``description`` apply to
+        every version. Folders are read and hashed by ``workers`` threads (default: one per CPU, at most 8).
+        A batch is stored and recorded whole or not at all: on an error its new artifacts are removed again and
+        the batches before it stay registered. Raises what ``register`` raises, QueryError for a missing name.
+        """
+        check_int(batch_size, "batch size", minimum=1)
+        names = [name or _source_name(source) for source in sources]
+        base_fp = self.fingerprint(base) if base is not None else None
+        if base_name is None and base is not None and not isinstance(base, Fingerprint):
+            base_name = str(base) if isinstance(base, (str, os.PathLike)) else getattr(base, "name_or_path", None)
+        metric_list, tag_list = _metrics(metrics), tuple(tags)
+        results: list[Registered] = []
+        with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
+            for start in range(0, len(names), batch_size):
+                # Reading and hashing (file I/O, sha256: both release the GIL) is what takes time: in parallel.
+                adapters = list(pool.map(_read_and_digest, sources[start:start + batch_size]))
+                entries = [NewVersion(batch_name, digest=digest, spec=adapter.spec, config=adapter.config,
+                                      size_bytes=adapter.size_bytes, base=base_fp,
+                                      base_name=base_name or adapter.spec.base_model, metrics=tuple(metric_list),
+                                      tags=tag_list, description=description)
+                           for batch_name, (adapter, digest) in zip(names[start:start + batch_size], adapters,
+                                                                    strict=True)]
+                results += self._store_and_register_batch(pool, adapters, entries)
+        return results
+
+    def _store_and_register_batch(self, pool: ThreadPoolExecutor, adapters: list[tuple[Adapter, str]],
+                                  entries: list[NewVersion]) -> list[Registered]:
+        """``store_and_register`` for a batch: every digest's lock (and its composition members') held shared
+        from before its artifact is stored until the one registry transaction commits; on failure the artifacts
+        this batch added are removed again once nothing refers to them (hub.lifecycle explains the rules)."""
+        registry = self.registry  # opened, and every entry checked, before anything is stored
+        for entry in entries:
+            registry.check_registration(entry.name, **{field: getattr(entry, field) for field in REGISTER_FIELDS})
+        digests = [digest for _, digest in adapters]
+        members = [m for adapter, _ in adapters for m in member_digests(adapter.spec.method, adapter.config)]
+        added: set[str] = set()
+        try:
+            with self.store.reserve(*digests, *members):
+                added = {digest for digest in digests if digest not in self.store}
+                list(pool.map(lambda item: self.store.put(item[0], digest=item[1]), adapters))
+                return registry.register_many(entries)
+        except BaseException:
+            # After the locks are released: a removal takes a digest's lock exclusively, and gives up when another
+            # writer holds it.
+            for digest in added:
+                with contextlib.suppress(Exception):  # the registration's own error is the one to report
+                    self.store.remove(digest, referenced=registry.is_referenced)
+            raise
 
     def get(self, ref: str) -> VersionInfo:
         """One version: ``name`` (= ``name@latest``), ``name@3`` or ``name@ALIAS``. Raises NotFound, QueryError."""
@@ -234,8 +326,12 @@ class Hub:
         raise NotFound(f"artifact {digest[:12]} is not in the store and no recorded remote gave it: "
                        f"{'; '.join(failures)}")
 
-    def export(self, ref: str, directory: str | os.PathLike[str]) -> Path:
-        """Write a version as a PEFT folder that ``PeftModel.from_pretrained`` loads unchanged."""
+    def export(self, ref: str, directory: str | os.PathLike[str], *, for_vllm: bool = False,
+               base_model: str | None = None) -> Path:
+        """Write a version as a PEFT folder that ``PeftModel.from_pretrained`` loads unchanged; ``for_vllm``: as
+        the plain LoRA vLLM serves (see ``export_for_vllm``), ``base_model`` naming the model vLLM serves."""
+        if for_vllm:
+            return self.export_for_vllm(ref, directory, base_model=base_model).path
         version = self.registry.get(ref)
         adapter = self.artifact(version.digest)
         target = Path(directory)
@@ -263,14 +359,70 @@ class Hub:
             shutil.rmtree(staging, ignore_errors=True)
         return target
 
-    def list(self, query: Query | None = None) -> list[VersionInfo]:
-        """Versions matching every filter of ``query`` (all versions not yanked when None)."""
+    def export_for_vllm(self, ref: str, directory: str | os.PathLike[str], *,
+                        base_model: str | None = None) -> VllmExport:
+        """Write a LoRA-family version, weighted sum or stack as one plain LoRA vLLM accepts: scaling folded into
+        B, ``lora_alpha`` = r, the rank padded to one of vLLM's ranks (reduced by SVD above 512, the error
+        reported), ``base_model_name_or_path`` = ``base_model`` (default: the version's base Hub id). Raises
+        Incompatible, with the reason, for DoRA, mixtures and other methods."""
+        from hub.export_vllm import export_for_vllm
+
+        return export_for_vllm(self, ref, directory, base_model=base_model)
+
+    def serve(self, base: str, **options: Any) -> None:
+        """Serve ``base`` and every adapter registered on it through an OpenAI-compatible API until stopped
+        (``hub serve``); ``options`` are the fields of ``hub.server.ServerConfig`` (quantize, device, host, port,
+        api_key, max_loaded, max_batch, max_queue, ...)."""
+        from hub.server import ServerConfig, serve
+
+        serve(self, ServerConfig(base=base, **options))
+
+    def list(self, query: Query | None = None) -> Page[VersionInfo]:
+        """Versions matching every filter of ``query`` (all versions not yanked when None); a list whose
+        ``next_after`` is the cursor of the next page when ``query.limit`` cut it short."""
         query = query or Query()
         return self.registry.list(weights_hash=query.weights_hash, **query.filters())
 
-    def compatible(self, base: BaseLike, query: Query | None = None) -> list[Match]:
-        """Registered versions that fit ``base``: exact (same weights) first, then structural (same shapes)."""
-        return self.registry.compatible(self.fingerprint(base), **(query or Query()).filters())
+    def search(self, text: str, query: Query | None = None) -> Page[SearchHit]:
+        """Versions whose name, description, tags, metric names or card text hold every word of ``text`` (the
+        last one as a prefix): the adapter named ``text`` first, then names holding the words, then the rest,
+        newest first within each (``hub.registry.search``). ``query`` filters and pages as in ``list``; it cannot
+        name an adapter or sort. Raises QueryError."""
+        from hub.registry.search import search
+
+        query = query or Query()
+        if query.name is not None or query.sort is not None:
+            raise QueryError("a search orders its own results and spans every adapter: no name or sort")
+        return search(self.registry, text, method=query.method, min_rank=query.min_rank, max_rank=query.max_rank,
+                      where=query.where, tags=query.tags, weights_hash=query.weights_hash,
+                      include_yanked=query.include_yanked, limit=query.limit, after=query.after)
+
+    def diff(self, a: str, b: str) -> Diff:
+        """Compare two versions (``hub diff A B``): fields, config, recipe, metric deltas (b − a), tags, and their
+        weight updates per module without forming ΔW (``hub.diff``). Weights of methods with no additive update
+        are not compared; ``Diff.weights_refused`` says why. Raises NotFound, QueryError."""
+        from hub.diff import compare, delta_refusal
+
+        first, second = self.get(a), self.get(b)
+        if delta_refusal(first) or delta_refusal(second):
+            return compare(first, second)
+        return compare(first, second, adapters=(self.artifact(first.digest), self.artifact(second.digest)))
+
+    def web_app(self, *, api_key: str | None = None) -> Any:
+        """The registry's web pages as a FastAPI app (``hub ui``; ``hub.web``): read-only, unless ``api_key`` is
+        given, which then allows alias moves and yanks from the pages to whoever sends it."""
+        from hub.web import create_app
+
+        return create_app(self, api_key=api_key)
+
+    def compatible(self, base: BaseLike, query: Query | None = None) -> Page[Match]:
+        """Registered versions that fit ``base``: exact (same weights) first, then structural (same shapes);
+        paged as ``list`` is."""
+        page = self.registry.compatible(self.fingerprint(base), **(query or Query()).filters())
+        # Listed only when the adapter's tensors fit the base's shapes (a version registered with a bare
+        # fingerprint was never checked).
+        fits = stored_fit(base, self.store.path, cache_dir=self.settings.cache_dir)
+        return Page([match for match in page if fits(match.version.digest)], page.next_after)
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def alias(self, ref: str, alias: str) -> VersionInfo:
@@ -497,6 +649,18 @@ def _warn_if_not_pushable(name: str) -> None:
     if problem:
         log.warning("the name %r %s, so it cannot be a Hub repository name: push it with --repo ORG/OTHER-NAME",
                     name, problem)
+
+
+def _read_and_digest(source: str | os.PathLike[str] | Adapter) -> tuple[Adapter, str]:
+    adapter = source if isinstance(source, Adapter) else read_adapter(source)
+    return adapter, adapter_digest(adapter)
+
+
+def _source_name(source: str | os.PathLike[str] | Adapter) -> str:
+    """The adapter name a folder registers under by default: its own name. Raises QueryError for an Adapter."""
+    if isinstance(source, Adapter):
+        raise QueryError("an in-memory adapter has no folder name to register under: pass name=")
+    return Path(source).resolve().name
 
 
 def _metrics(metrics: Mapping[str, float] | Iterable[Metric]) -> list[Metric]:
