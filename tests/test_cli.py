@@ -164,7 +164,7 @@ def test_show_alias_and_yank(populated: dict[str, Path]) -> None:
 
     assert ok("yank", "date@2") == "yanked date@2\n"
     assert refs(ok("list")) == ["date@1", "ia3@1"]
-    assert refs(ok("list", "--all")) == ["date@1", "date@2", "ia3@1"]
+    assert refs(ok("list", "--yanked")) == ["date@1", "date@2", "ia3@1"]
     assert refs(ok("list", "--compatible-with", populated["base"])) == ["date@1", "ia3@1"]
     assert json.loads(ok("show", "date", "--json"))["ref"] == "date@1"  # latest skips the yanked version
     assert json.loads(ok("show", "date@2", "--json"))["status"] == "yanked"  # still reachable by number
