@@ -416,10 +416,22 @@ def push(ref: str, repo_id: str | None, private: bool, base_model: str | None, a
 @click.argument("repo")
 @click.option("--name", default=None, help="Register under this name instead of the card's or the repo's.")
 @click.option("--subfolder", default=None, help="The adapter's folder inside the repo (as PEFT's subfolder=).")
+@click.option("--all-versions", is_flag=True, help="Every v<N> tag of ORG/NAME not already here, oldest first.")
 @click.option("--json", "as_json", is_flag=True)
-def pull(repo: str, name: str | None, subfolder: str | None, as_json: bool) -> None:
+def pull(repo: str, name: str | None, subfolder: str | None, all_versions: bool, as_json: bool) -> None:
     """Pull ORG/NAME[/FOLDER][@REVISION] (a tag such as v2, a branch or a commit), verify it and register it."""
     repo_id, folder, revision = parse_remote_ref(repo)
+    if all_versions:
+        if folder or subfolder or revision:
+            raise click.UsageError("--all-versions takes ORG/NAME alone (every version tag of the repo)")
+        results = Hub().pull_versions(repo_id, name=name)
+        if as_json:
+            print_json([{**asdict(r), "version": r.version.to_dict()} for r in results])
+            return
+        for result in results:
+            click.echo(f"pulled {result.version.ref} from {result.repo_id}@{result.revision} ({result.commit[:12]})")
+        click.echo(f"{len(results)} new version(s) from {repo_id}", err=True)
+        return
     if subfolder and folder and subfolder != folder:
         raise QueryError(f"{repo!r} names folder {folder!r} and --subfolder says {subfolder!r}")
     result = Hub().pull(repo_id, revision, name=name, subfolder=subfolder or folder)

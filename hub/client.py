@@ -487,6 +487,10 @@ class Hub:
         """Download, verify and register a version; see ``hub.remote.Remote.pull``."""
         return self.remote().pull(repo_id, revision, **options)
 
+    def pull_versions(self, repo_id: str, **options: Any) -> list[PullResult]:
+        """Pull every version tag of a repo not already here; see ``hub.remote.Remote.pull_versions``."""
+        return self.remote().pull_versions(repo_id, **options)
+
     # -- models ------------------------------------------------------------------------------------------------
     def compose(self, inputs: Sequence[Any], weights: Sequence[float] | None = None, **options: Any) -> Any:
         """A weighted sum, stack or gated mixture of registry references; see ``hub.composition.compose``.

@@ -217,3 +217,34 @@ def test_register_warns_when_a_name_cannot_be_a_hub_repository(hub_home: Path, f
     assert "warning: the name 'date--v2' contains '--' or '..'" in result.stderr and "--repo" in result.stderr
     clean = run("register", str(folders["lora4"]), "--name", "date", "--base", str(folders["base"]))
     assert clean.exit_code == 0 and "warning" not in clean.stderr
+
+
+def test_pull_all_versions_of_a_repo_from_one_listing(tmp_path: Path, folders: dict[str, Path],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from hubserver import HubServer
+
+    with HubServer(tokens={"hf_team_token": "team"}) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.setenv("HF_TOKEN", "hf_team_token")
+        source = Hub(home=tmp_path / "source")
+        for key in ("lora4", "lora8"):
+            source.register(folders[key], name="date", base=folders["base"])
+            source.push(f"date@{1 if key == 'lora4' else 2}", "team/date")
+
+        monkeypatch.setenv("HUB_HOME", str(tmp_path / "target"))
+        result = run("pull", "team/date", "--all-versions", "--json")
+        assert result.exit_code == 0, result.output
+        pulled = json.loads(result.stdout)
+        assert [p["version"]["ref"] for p in pulled] == ["date@1", "date@2"]
+        target = Hub()
+        assert [v.digest for v in target.list()] == [v.digest for v in source.list()]
+
+        # Again: one listing of the refs, nothing downloaded, nothing new.
+        before = len(server.requests)
+        again = run("pull", "team/date", "--all-versions", "--json")
+        assert again.exit_code == 0 and json.loads(again.stdout) == []
+        assert [method for method, _ in server.requests[before:]] == ["GET"]
+        source.register(folders["ia3"], name="date", base=folders["sibling"])
+        source.push("date@3", "team/date")
+        third = json.loads(run("pull", "team/date", "--all-versions", "--json").stdout)
+        assert [p["version"]["ref"] for p in third] == ["date@3"]

@@ -513,6 +513,12 @@ class Registry:
 
         return self._read(work)
 
+    def commits_from(self, repo_id: str) -> set[str]:
+        """The commits of the Hub repository ``repo_id`` (``ORG/NAME`` or ``ORG/NAME/FOLDER``) that versions of
+        this registry were pushed to or pulled from."""
+        stmt = select(RemoteRow.commit).where(RemoteRow.repo_id == repo_id).distinct()
+        return self._read(lambda conn: set(conn.scalars(stmt)))
+
     def lineage(self, ref: str) -> list[LineageEdge]:
         """Every ancestor edge of ``ref``, nearest first: its parents (depth 1), their parents (depth 2), ..."""
 

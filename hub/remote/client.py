@@ -343,6 +343,26 @@ class Remote:
             downloads.evict(commit)
             raise
 
+    @_scrubbed
+    def pull_versions(self, repo_id: str, *, name: str | None = None) -> list[PullResult]:
+        """Pull every ``v<N>`` tag of a repo, oldest first, from one listing of its refs; a tag whose commit this
+        registry already holds from this repo is skipped without a request. Raises as ``pull`` does; the versions
+        pulled before a failure stay registered."""
+        check_repo_id(repo_id)
+        with remote_errors(repo_id, self.endpoint):
+            refs = self.api.list_repo_refs(repo_id)
+        tags = sorted((t for t in refs.tags if isinstance(t.name, str) and VERSION_TAG.match(t.name)),
+                      key=lambda t: int(t.name[1:]))
+        known = self.hub.registry.commits_from(repo_id)
+        pulled = []
+        for tag in tags:
+            if tag.target_commit in known:
+                continue
+            result = self.pull(repo_id, tag.name, name=name)
+            name = name or result.version.name  # later tags join the line the first one made or found
+            pulled.append(result)
+        return pulled
+
     def _resolve(self, downloads: Downloads, repo_id: str, revision: str,
                  where: str) -> tuple[str, dict[str, int | None] | None]:
         """The commit ``revision`` points at and the repo's files with their sizes; when the server cannot be
