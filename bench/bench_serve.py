@@ -12,6 +12,7 @@ loop in this process.
 
     .venv/bin/python bench/bench_serve.py [--model smollm2|tiny] [--quantize nf4|none] [--tokens 32]
                                           [--requests 2] [--adapters 1,8,32] [--skip-peft]
+                                          [--mistralrs-python /path/to/venv/bin/python]
 """
 
 from __future__ import annotations
@@ -157,6 +158,51 @@ def bench_peft(base: Path, folders: list[Path], args: argparse.Namespace, counts
         summary(f"{count} distinct adapter(s)", latencies, len(latencies) * args.tokens, seconds)
 
 
+def bench_mistralrs(base: Path, folders: list[Path], args: argparse.Namespace, counts: list[int],
+                    python: str) -> None:
+    """mistral.rs's CPU wheel on the same base, adapters, prompts and token counts, run by ``python`` (a virtualenv
+    with ``pip install mistralrs``; it is not a dependency of the hub). Two facts found here: mistral.rs 0.9.5 refuses
+    a transformers-5 config.json ("missing field `rope_theta`": transformers 5 writes it under rope_parameters), so
+    the peer gets a copy of the folder with rope_theta added; and its Python Runner refuses concurrent calls
+    ("Already borrowed"), so requests go one at a time, as the PEFT loop's do."""
+    import json
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for file in base.iterdir():
+            (folder / file.name).symlink_to(file.resolve())
+        config = json.loads((base / "config.json").read_text())
+        config.setdefault("rope_theta", (config.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+        (folder / "config.json").unlink()
+        (folder / "config.json").write_text(json.dumps(config))
+        script = f"""
+import time
+from mistralrs import CompletionRequest, LoraAdapter, Runner, Which
+folders = {[str(f) for f in folders]!r}
+for count in {counts!r}:
+    adapters = [LoraAdapter(f"lora{{i}}", folders[i]) for i in range(count)]
+    runner = Runner(which=Which.Lora(model_id={str(folder)!r}, adapters=adapters))
+    started, latencies, tokens = time.perf_counter(), [], 0
+    for i in range(16 * {args.requests}):
+        sent = time.perf_counter()
+        reply = runner.send_completion_request(CompletionRequest(
+            prompt=f"Question {{i}}: what is {{i}} plus {{i}}?", model="default", max_tokens={args.tokens},
+            temperature=0.0, ignore_eos=True, adapter=f"lora{{i % count}}"))
+        tokens += reply.usage.completion_tokens
+        latencies.append(time.perf_counter() - sent)
+    seconds = time.perf_counter() - started
+    latencies.sort()
+    print(f"  {{count}} distinct adapter(s)  {{tokens / seconds:8.1f}} tok/s   per request p50 "
+          f"{{latencies[len(latencies) // 2]:6.2f}} s   ({{len(latencies)}} requests, {{seconds:.1f}} s)", flush=True)
+"""
+        print(f"mistral.rs ({python}; one request at a time, same adapters and token counts)")
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAYON_NUM_THREADS": str(args.threads),
+               "OMP_NUM_THREADS": str(args.threads)}
+        done = subprocess.run([python, "-c", script], env=env, capture_output=True, text=True, timeout=1800)
+        lines = [line for line in done.stdout.splitlines() if "tok/s" in line]
+        print("\n".join(lines) if lines else f"  failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
@@ -166,6 +212,8 @@ def main() -> None:
     parser.add_argument("--adapters", default="1,8,32", help="distinct adapter counts to run")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (the machine is shared)")
     parser.add_argument("--skip-peft", action="store_true")
+    parser.add_argument("--mistralrs-python", default=None,
+                        help="a Python with mistralrs installed: also run mistral.rs as a peer")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     counts = [int(c) for c in args.adapters.split(",")]
@@ -190,6 +238,8 @@ def main() -> None:
             print("  ratio to one adapter: " + ", ".join(f"{c}: {results[c] / results[1]:.2f}x" for c in counts))
         if not args.skip_peft:
             bench_peft(base, folders, args, counts)
+        if args.mistralrs_python:
+            bench_mistralrs(base, folders, args, counts, args.mistralrs_python)
 
 
 if __name__ == "__main__":
