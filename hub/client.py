@@ -7,8 +7,6 @@ import logging
 import math
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -16,9 +14,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hub.config import Settings, load_settings
-from hub.errors import Conflict, HubError, InvalidArtifact, NotFound, QueryError
+from hub.errors import HubError, InvalidArtifact, NotFound, QueryError
 from hub.fingerprint import Fingerprint, fingerprint
-from hub.formats import Adapter, adapter_digest, read_adapter, write_adapter
+from hub.formats import Adapter, adapter_digest, export_adapter, read_adapter
 from hub.lifecycle import member_digests, store_and_register
 from hub.methods.fit import check_fit, stored_fit
 from hub.registry import (
@@ -334,30 +332,13 @@ class Hub:
             return self.export_for_vllm(ref, directory, base_model=base_model).path
         version = self.registry.get(ref)
         adapter = self.artifact(version.digest)
-        target = Path(directory)
-        if target.exists() and (not target.is_dir() or any(target.iterdir())):
-            raise Conflict(f"{target} exists and is not an empty folder")
         from hub.remote.paths import is_hub_model_id
 
         # A Hub id tells a PEFT user which base to load; a local path of the machine it was registered on would not.
         config = {key: value for key, value in adapter.config.items() if key != "base_model_name_or_path"}
         if is_hub_model_id(version.base_name):
             config["base_model_name_or_path"] = version.base_name
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-        except OSError as exc:
-            raise HubError(f"cannot write to {target}: {exc.strerror or exc}") from None
-        try:
-            write_adapter(Adapter(config=config, tensors=adapter.tensors), staging)
-            if target.exists():
-                target.rmdir()
-            os.rename(staging, target)
-        except OSError as exc:
-            raise HubError(f"cannot write to {target}: {exc.strerror or exc}") from None
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return target
+        return export_adapter(Adapter(config=config, tensors=adapter.tensors), directory)
 
     def export_for_vllm(self, ref: str, directory: str | os.PathLike[str], *,
                         base_model: str | None = None) -> VllmExport:

@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hub.errors import Conflict, HubError, Incompatible
-from hub.formats import Adapter, write_adapter
+from hub.errors import HubError, Incompatible
+from hub.formats import Adapter, export_adapter
 
 if TYPE_CHECKING:
     from hub.client import Hub
@@ -88,7 +86,7 @@ def export_for_vllm(hub: Hub, ref: str, directory: str | os.PathLike[str], *,
     padded = _padded(lora, rank, base_model)
     error = relative_error(source, _factors(padded))
     target = Path(directory)
-    _write(padded, target)
+    export_adapter(padded, target)
     return VllmExport(ref=version.ref, path=target, base_model=base_model, rank=rank, source_rank=source_rank,
                       modules=len(source), reduced=reduced, relative_error=error)
 
@@ -177,22 +175,3 @@ def _padded(lora: Adapter, rank: int, base_model: str) -> Adapter:
                    "lora_bias": False, "modules_to_save": None, "base_model_name_or_path": base_model,
                    "task_type": config.get("task_type") or "CAUSAL_LM"})
     return Adapter(config=config, tensors=tensors)
-
-
-def _write(adapter: Adapter, target: Path) -> None:
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise Conflict(f"{target} exists and is not an empty folder")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    except OSError as exc:
-        raise HubError(f"cannot write to {target}: {exc.strerror or exc}") from None
-    try:
-        write_adapter(adapter, staging)
-        if target.exists():
-            target.rmdir()
-        os.rename(staging, target)
-    except OSError as exc:
-        raise HubError(f"cannot write to {target}: {exc.strerror or exc}") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

@@ -9,13 +9,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from safetensors import SafetensorError
 
-from hub.errors import InvalidArtifact
+from hub.errors import Conflict, HubError, InvalidArtifact
 from hub.formats.spec import AdapterSpec
 from hub.methods.base import KEY_PREFIX  # noqa: F401  (the prefix of every module key, re-exported)
 from hub.methods.table import lookup  # method modules (and torch) load only when an adapter of theirs is read
@@ -159,6 +161,31 @@ def read_config(path: Path) -> dict[str, Any]:
         raise InvalidArtifact(f"{path} must hold a JSON object")
     method_of(config).check_config(config)
     return config
+
+
+def export_adapter(adapter: Adapter, target: str | os.PathLike[str]) -> Path:
+    """Write ``adapter`` as the PEFT folder ``target``, whole or not at all: written beside it, then renamed.
+
+    Raises Conflict when ``target`` exists and is not an empty folder, HubError when it cannot be written.
+    """
+    target = Path(target)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise Conflict(f"{target} exists and is not an empty folder")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    except OSError as exc:
+        raise HubError(f"cannot write to {target}: {exc.strerror or exc}") from None
+    try:
+        write_adapter(adapter, staging)
+        if target.exists():
+            target.rmdir()
+        os.rename(staging, target)
+    except OSError as exc:
+        raise HubError(f"cannot write to {target}: {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 def write_adapter(adapter: Adapter, path: str | os.PathLike[str]) -> Path:
