@@ -23,6 +23,7 @@ webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
@@ -91,6 +92,17 @@ def screenshot(driver, name: str) -> None:
     driver.set_window_size(1280, 900)
 
 
+def navigated(driver, old_page, path: str) -> None:
+    """Wait until a click or Enter on OLD_PAGE has loaded a page whose URL contains PATH.
+
+    Selenium returns from click() and send_keys() before the browser has followed the link or submitted the form;
+    reading elements at once reads the old page (a CI run failed that way).
+    """
+    WebDriverWait(driver, 30).until(
+        lambda d: d.find_element(By.TAG_NAME, "html") != old_page and path in d.current_url
+        and d.execute_script("return document.readyState") == "complete")
+
+
 def test_every_page_in_a_real_browser(browser, server: str, hub: Hub) -> None:
     driver = browser
     driver.get(server + "/")
@@ -99,7 +111,9 @@ def test_every_page_in_a_real_browser(browser, server: str, hub: Hub) -> None:
 
     # Search from the box in the header: the adapter named so comes first.
     box = driver.find_element(By.ID, "q")
+    page = driver.find_element(By.TAG_NAME, "html")
     box.send_keys("math-lora", Keys.ENTER)
+    navigated(driver, page, "/search?")
     links = driver.find_elements(By.CSS_SELECTOR, "table.versions a.version-link")
     assert [link.text for link in links][:2] == ["math-lora@2", "math-lora@1"]
     screenshot(driver, "search")
@@ -119,12 +133,16 @@ def test_every_page_in_a_real_browser(browser, server: str, hub: Hub) -> None:
     driver.get(server + "/adapters/blend/1")
     assert "blend@1" in driver.title
     screenshot(driver, "version")
+    page = driver.find_element(By.TAG_NAME, "html")
     driver.find_element(By.CSS_SELECTOR, "ul.lineage-list a.version-link").click()
+    navigated(driver, page, "/adapters/math-lora/1")
     assert driver.current_url.endswith("/adapters/math-lora/1")
     assert driver.find_element(By.CSS_SELECTOR, "svg.lineage a.node.child").get_attribute("data-ref") == "blend@1"
 
     # The base: exact and structural matches told apart.
+    page = driver.find_element(By.TAG_NAME, "html")
     driver.find_element(By.CSS_SELECTOR, "dd a.base-link").click()
+    navigated(driver, page, "/bases/")
     badges = {badge.text for badge in driver.find_elements(By.CSS_SELECTOR, "table.versions .badge.exact, "
                                                                                    "table.versions .badge.structural")}
     assert badges == {"exact", "structural"}
@@ -133,7 +151,9 @@ def test_every_page_in_a_real_browser(browser, server: str, hub: Hub) -> None:
     # Compare a version with the merge it went into.
     driver.get(server + "/compare")
     driver.find_element(By.NAME, "a").send_keys("math-lora@1")
+    page = driver.find_element(By.TAG_NAME, "html")
     driver.find_element(By.NAME, "b").send_keys("blend@1", Keys.ENTER)
+    navigated(driver, page, "b=")
     rows = driver.find_elements(By.CSS_SELECTOR, "#modules tbody tr")
     expected = hub.diff("math-lora@1", "blend@1").weights.modules
     assert [row.get_attribute("data-module") for row in rows] == [m.module for m in expected]
