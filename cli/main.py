@@ -251,9 +251,10 @@ def show(ref: str, as_json: bool) -> None:
     if as_json:
         print_json({**data, "remotes": [r.to_dict() for r in remotes]})
         return
-    for key in ("ref", "method", "rank", "alpha", "targets", "digest", "base_name", "status", "created"):
+    for key in ("ref", "method", "variants", "rank", "alpha", "targets", "digest", "base_name", "status", "created"):
         value = data.get(key)
-        click.echo(f"{key:>10}: {', '.join(value) if isinstance(value, list) else value}")
+        if value != []:  # no variants: no line
+            click.echo(f"{key:>10}: {', '.join(value) if isinstance(value, list) else value}")
     if version.base is not None:
         click.echo(f"{'base':>10}: weights {version.base.weights_hash[:16]}  shapes {version.base.shape_hash[:16]}")
     if version.aliases:

@@ -36,8 +36,9 @@ def version_rows(versions: Sequence[VersionInfo], match_kinds: Sequence[str] | N
     for index, version in enumerate(versions):
         # The --metric syntax, so a metric on several datasets reads as several entries.
         metrics = " ".join(f"{m.key}{'@' + m.dataset if m.dataset else ''}={m.value:.4g}" for m in version.metrics)
-        row = [version.ref, version.method, version.rank, ",".join(version.targets), metrics,
-               ",".join(version.aliases), version.digest[:12]]
+        # "lora+rslora": the variants `--method` also finds it by.
+        row = [version.ref, "+".join([version.method, *version.variants]), version.rank, ",".join(version.targets),
+               metrics, ",".join(version.aliases), version.digest[:12]]
         if match_kinds is not None:
             row.insert(1, match_kinds[index])
         rows.append(row)

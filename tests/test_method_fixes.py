@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from alembic import command
 from conftest import tiny_llama_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -22,6 +23,8 @@ from hub.client import Hub, Query
 from hub.composition.merge import merge
 from hub.errors import Incompatible, InvalidArtifact
 from hub.formats import read_adapter
+from hub.registry import upgrade
+from hub.registry.database import alembic_config
 from hub.runtime import attach, merge_into_base
 from hub.sites.handle import shares_storage
 from hub.train import Recipe, new_adapter
@@ -207,6 +210,30 @@ def test_a_trained_dora_is_registered_and_listed_as_dora(base: Path, tmp_path: P
     hub.register(adapter, name="d", base=base)
     assert [v.ref for v in hub.list(Query(method="dora"))] == ["d@1"]
     assert read_adapter(lora(base, tmp_path / "rs", use_rslora=True)).spec.variants == ("rslora",)
+
+
+def test_variants_are_recorded_listed_and_filled_in_by_the_upgrade(base: Path, tmp_path: Path) -> None:
+    """rsLoRA and named initializations are found by `--method <variant>` and shown in the JSON, and a registry
+    made before revision 0006 gets them from its stored configs."""
+    hub = Hub(home=tmp_path / "home")
+    hub.register(lora(base, tmp_path / "rs", use_rslora=True), name="rs", base=base)
+    pissa = lora(base, tmp_path / "pissa")
+    config = json.loads((pissa / "adapter_config.json").read_text())
+    (pissa / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": "pissa_niter_4"}))
+    hub.register(pissa, name="pissa", base=base)
+    hub.register(lora(base, tmp_path / "plain"), name="plain", base=base)
+
+    def found() -> dict[str, list[str]]:
+        return {method: [v.ref for v in hub.list(Query(method=method))] for method in ("lora", "rslora", "pissa")}
+
+    assert found() == {"lora": ["pissa@1", "plain@1", "rs@1"], "rslora": ["rs@1"], "pissa": ["pissa@1"]}
+    assert hub.get("rs@1").to_dict()["variants"] == ["rslora"] and hub.get("plain@1").variants == []
+    url = hub.settings.database_url
+    command.downgrade(alembic_config(url), "0005")  # as a registry made by the release before variants
+    upgrade(url)
+    assert found() == {"lora": ["pissa@1", "plain@1", "rs@1"], "rslora": ["rs@1"], "pissa": ["pissa@1"]}
+    hub.delete("rs@1")  # the version's variants go with it
+    assert found()["rslora"] == []
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -329,8 +329,9 @@ class Lora(SiteMethod):
     def variants(self, config: Mapping[str, Any]) -> tuple[str, ...]:
         found = ["rslora"] if config.get("use_rslora") is True else []
         init = config.get("init_lora_weights")
-        if isinstance(init, str) and init.lower() != "gaussian":
-            found.append(init.lower())
+        # PEFT's named initializations ("pissa_niter_16" is PiSSA with 16 subspace iterations): the name only.
+        if isinstance(init, str) and re.fullmatch(r"[a-z][a-z0-9_]{0,31}", init.lower()) and init.lower() != "gaussian":
+            found.append(init.lower().split("_niter")[0])
         found += [key for key in VARIANTS if config.get(key) not in (None, False, [], {}, "")]
         return tuple(found)
 

@@ -197,6 +197,17 @@ class TagRow(Model):
     tag: Mapped[str] = mapped_column(String(100), primary_key=True)
 
 
+class VariantRow(Model):
+    """A method variant or initialization of a version (``rslora``, ``pissa``, ``olora``...: ``Method.variants``),
+    so ``--method rslora`` finds it beside its method. Added by revision 0006."""
+
+    __tablename__ = "variants"
+    __table_args__ = (Index("ix_variants_variant_version_id", "variant", "version_id"),)
+
+    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id", ondelete="CASCADE"), primary_key=True)
+    variant: Mapped[str] = mapped_column(String(32), primary_key=True)
+
+
 class RemoteRow(Model):
     """Where a version was pushed: a Hub repository, the tag and the commit that hold it."""
 

@@ -54,7 +54,7 @@ from sqlalchemy import (
 )
 
 from hub.errors import QueryError
-from hub.registry.models import READY, AdapterRow, BaseRow, MetricRow, TagRow, VersionRow
+from hub.registry.models import READY, AdapterRow, BaseRow, MetricRow, TagRow, VariantRow, VersionRow
 from hub.registry.refs import (
     HASH_MAX,
     INT64_MAX,
@@ -306,7 +306,9 @@ def _filtered(stmt: Select[Any], filters: Filters, sqlite: bool) -> Select[Any]:
     if filters.name is not None:
         stmt = stmt.where(A.name == filters.name)
     if filters.method is not None:
-        stmt = stmt.where(V.method == filters.method)
+        # The method the registry records (``dora``) or one of its variants (``rslora``, ``pissa``).
+        variant = exists().where(VariantRow.version_id == V.id, VariantRow.variant == filters.method)
+        stmt = stmt.where(or_(V.method == filters.method, variant))
     if filters.min_rank is not None:
         stmt = stmt.where(V.rank >= filters.min_rank)
     if filters.max_rank is not None:

@@ -70,6 +70,8 @@ class VersionInfo:
     parents: list[Parent] = field(default_factory=list)
     description: str | None = None
     recipe: dict[str, Any] | None = None
+    # Variants and initializations of the method (``rslora``, ``pissa``...): ``hub.methods.base.Method.variants``.
+    variants: list[str] = field(default_factory=list)
 
     @property
     def ref(self) -> str:
@@ -94,6 +96,7 @@ class VersionInfo:
             "number": self.number,
             "digest": self.digest,
             "method": self.method,
+            "variants": list(self.variants),
             "rank": self.rank,
             "alpha": self.alpha,
             "targets": list(self.targets),

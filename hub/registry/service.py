@@ -53,6 +53,7 @@ from hub.registry.models import (
     MetricRow,
     RemoteRow,
     TagRow,
+    VariantRow,
     VersionRow,
     utcnow,
 )
@@ -270,6 +271,8 @@ class Registry:
         conn.execute(update(A).where(A.id == adapter_id, A.last_number < chosen).values(last_number=chosen))
         _upsert_metrics(conn, version_id, list(entry.metrics))
         _add_tags(conn, version_id, list(entry.tags))
+        for variant in dict.fromkeys(spec.variants):
+            conn.execute(VariantRow.__table__.insert(), dict(version_id=version_id, variant=variant))
         for position, parent in enumerate(entry.lineage):
             conn.execute(LineageRow.__table__.insert(), dict(
                 version_id=version_id, parent_id=_parent_id(conn, parent), weight=parent.weight,
@@ -362,7 +365,7 @@ class Registry:
                 .where(RemoteRow.version_id == version_id).order_by(RemoteRow.pushed_at, RemoteRow.repo_id))]
             # Explicit deletes rather than ON DELETE CASCADE alone: the same on a connection without foreign keys.
             conn.execute(delete(LineageRow).where(LineageRow.parent_id == version_id))
-            for model in (MetricRow, AliasRow, TagRow, RemoteRow, LineageRow):
+            for model in (MetricRow, AliasRow, TagRow, VariantRow, RemoteRow, LineageRow):
                 conn.execute(delete(model).where(model.version_id == version_id))
             conn.execute(update(A).where(A.id == adapter_id, A.last_number < version.number)
                          .values(last_number=version.number))
@@ -582,6 +585,7 @@ class Registry:
         metrics: dict[int, list[Metric]] = defaultdict(list)
         aliases: dict[int, list[str]] = defaultdict(list)
         tags: dict[int, list[str]] = defaultdict(list)
+        variants: dict[int, list[str]] = defaultdict(list)
         parents: dict[int, list[Parent]] = defaultdict(list)
         if rows:
             statements, ids = _hydration(conn.dialect.name), _ids(conn, [row.id for row in rows])
@@ -591,6 +595,8 @@ class Registry:
                 aliases[vid].append(alias)
             for vid, tag in conn.execute(statements.tags, ids):
                 tags[vid].append(tag)
+            for vid, variant in conn.execute(statements.variants, ids):
+                variants[vid].append(variant)
             for row in conn.execute(statements.parents, ids):
                 parents[row.version_id].append(
                     Parent(row.name, row.number, row.digest, row.weight, row.strategy, row.params or {}))
@@ -602,7 +608,7 @@ class Registry:
                 if r.shape_hash is not None else None,
                 base_name=r.base_name, size_bytes=r.size_bytes, created=r.created, status=r.status,
                 metrics=metrics[r.id], aliases=aliases[r.id], tags=tags[r.id], parents=parents[r.id],
-                description=r.description,
+                description=r.description, variants=variants[r.id],
             )
             for r in rows
         ]
@@ -631,6 +637,7 @@ class _Hydration:
     metrics: Select[Any]
     aliases: Select[Any]
     tags: Select[Any]
+    variants: Select[Any]
     parents: Select[Any]
 
 
@@ -646,6 +653,8 @@ def _hydration(dialect: str) -> _Hydration:
         aliases=select(AliasRow.version_id, AliasRow.alias).where(_among(dialect, AliasRow.version_id))
         .order_by(AliasRow.alias),
         tags=select(TagRow.version_id, TagRow.tag).where(_among(dialect, TagRow.version_id)).order_by(TagRow.tag),
+        variants=select(VariantRow.version_id, VariantRow.variant).where(_among(dialect, VariantRow.version_id))
+        .order_by(VariantRow.variant),
         parents=select(LineageRow.version_id, parent_a.name, parent_v.number, parent_v.digest, LineageRow.weight,
                        LineageRow.strategy, LineageRow.params)
         .join(parent_v, parent_v.id == LineageRow.parent_id).join(parent_a, parent_a.id == parent_v.adapter_id)
