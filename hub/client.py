@@ -55,8 +55,6 @@ BaseLike = Fingerprint | str | os.PathLike[str] | Any
 SMOLLM2 = "smollm2"  # shortcut for the cached SmolLM2-135M-Instruct folder (hub.runtime.pretrained)
 # Versions per transaction in register_many: large enough to amortize commits, small enough to hold its locks.
 BATCH_SIZE = 500
-REGISTER_FIELDS = ("digest", "spec", "config", "size_bytes", "base", "base_name", "metrics", "tags", "lineage",
-                   "description", "number", "recipe")
 METRIC_ARG = re.compile(r"^(?P<key>[A-Za-z_][\w.-]*)(@(?P<dataset>[^:=]+)(:(?P<split>[^=]+))?)?=(?P<value>.+)$")
 
 
@@ -203,16 +201,16 @@ class Hub:
         digest = adapter_digest(adapter)
         registry = self.registry  # opened before anything is stored: a database that cannot be opened stores nothing
 
-        fields = dict(digest=digest, spec=adapter.spec, config=adapter.config, size_bytes=adapter.size_bytes,
-                      base=base_fp, base_name=base_name or adapter.spec.base_model, metrics=_metrics(metrics),
-                      tags=tuple(tags), lineage=tuple(lineage), description=description, number=number,
-                      recipe=dict(recipe) if recipe is not None else None)
         # Checked before anything is stored: a refused registration writes nothing, not even an empty folder.
-        registry.check_registration(name, **fields)
+        entry = registry.check_registration(NewVersion(
+            name, digest=digest, spec=adapter.spec, config=adapter.config, size_bytes=adapter.size_bytes, base=base_fp,
+            base_name=base_name or adapter.spec.base_model, metrics=tuple(_metrics(metrics)), tags=tuple(tags),
+            lineage=tuple(lineage), description=description, number=number,
+            recipe=dict(recipe) if recipe is not None else None))
         _warn_if_not_pushable(name)
 
         def register() -> Registered:
-            return registry.register(name, **fields)
+            return registry.register_many([entry])[0]
 
         # Stored and registered under the digest's lock: no clean-up or collection can remove the artifact until
         # the version is committed, and a failure removes an artifact this call added once nothing refers to it.
@@ -267,8 +265,7 @@ class Hub:
         from before its artifact is stored until the one registry transaction commits; on failure the artifacts
         this batch added are removed again once nothing refers to them (hub.lifecycle explains the rules)."""
         registry = self.registry  # opened, and every entry checked, before anything is stored
-        for entry in entries:
-            registry.check_registration(entry.name, **{field: getattr(entry, field) for field in REGISTER_FIELDS})
+        entries = [registry.check_registration(entry) for entry in entries]
         digests = [digest for _, digest in adapters]
         members = [m for adapter, _ in adapters for m in member_digests(adapter.spec.method, adapter.config)]
         added: set[str] = set()

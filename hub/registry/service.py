@@ -150,30 +150,11 @@ class Registry:
 
     # ----------------------------------------------------------------------------------------------- writing
 
-    def check_registration(
-        self,
-        name: str,
-        *,
-        digest: str,
-        spec: AdapterSpec,
-        config: dict[str, Any],
-        size_bytes: int,
-        base: Fingerprint | None,
-        base_name: str | None,
-        metrics: Iterable[Metric] = (),
-        tags: Iterable[str] = (),
-        lineage: Iterable[Parent] = (),
-        description: str | None = None,
-        number: int | None = None,
-        recipe: dict[str, Any] | None = None,
-    ) -> tuple[list[Metric], list[str], list[Parent]]:
-        """Every check ``register`` makes before it touches the database, with its arguments; the checked metrics,
-        tags and parents. Callers run it before storing anything, so a refused registration writes nothing.
+    def check_registration(self, entry: NewVersion) -> NewVersion:
+        """Every check ``register_many`` makes of ``entry`` before it touches the database; the entry with its
+        values normalized. Callers run it before storing anything, so a refused registration writes nothing.
         Raises QueryError or InvalidArtifact (one line naming the field)."""
-        entry = _checked(NewVersion(name, digest=digest, spec=spec, config=config, size_bytes=size_bytes, base=base,
-                                    base_name=base_name, metrics=tuple(metrics), tags=tuple(_check_tags(tags)),
-                                    lineage=tuple(lineage), description=description, number=number, recipe=recipe))
-        return list(entry.metrics), list(entry.tags), list(entry.lineage)
+        return _checked(entry)
 
     def register(
         self,
@@ -200,15 +181,10 @@ class Registry:
         ``recipe`` records how the version was made (plain JSON, e.g. a training recipe).
         Raises what ``check_registration`` raises, Conflict, NotFound (a lineage parent), IntegrityError.
         """
-        entry = _checked(NewVersion(name, digest=digest, spec=spec, config=config, size_bytes=size_bytes, base=base,
-                                    base_name=base_name, metrics=tuple(metrics), tags=tuple(_check_tags(tags)),
-                                    lineage=tuple(lineage), description=description, number=number, recipe=recipe))
-
-        def work(conn: Connection) -> Registered:
-            version_id, created = self._insert(conn, entry)
-            return Registered(self._load(conn, [version_id])[0], created=created)
-
-        return self._write(work)
+        return self.register_many([NewVersion(
+            name, digest=digest, spec=spec, config=config, size_bytes=size_bytes, base=base, base_name=base_name,
+            metrics=tuple(metrics), tags=tuple(_check_tags(tags)), lineage=tuple(lineage), description=description,
+            number=number, recipe=recipe)])[0]
 
     def register_many(self, entries: Sequence[NewVersion]) -> list[Registered]:
         """``register`` for many versions in ONE transaction: all of them are recorded, or (on any error) none.
