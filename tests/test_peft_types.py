@@ -4,6 +4,7 @@ PEFT's logits; the others say in one line that they are stored only."""
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
 from hub.client import Hub
-from hub.errors import Incompatible
+from hub.errors import Incompatible, InvalidArtifact
 from hub.methods import lookup, peft_types
 from hub.remote import Remote
 
@@ -37,13 +38,14 @@ OPTIONS: dict[str, dict] = {
     "VBLORA": {"vector_length": 8, "num_vectors": 16},
     "WAVEFT": {"n_frequency": 16},
 }
-# PEFT cannot make these on a tiny Llama here: AdaMSS needs scikit-learn (not a dependency); X-LoRA needs expert
-# adapters saved beforehand and use_cache=False, and its 0.21.2 save drops its classifier (reference/peft-anchor.md).
-NOT_INSTANTIABLE = {"ADAMSS", "XLORA"}
+# X-LoRA needs expert adapters saved beforehand and use_cache=False, and its 0.21.2 save drops its classifier
+# (reference/peft-anchor.md): test_xlora_folder_round_trips_byte_faithfully makes one by hand.
+NOT_INSTANTIABLE = {"XLORA"}
 
 
 def test_the_table_knows_every_peft_type() -> None:
     assert {t.value for t in PEFT_TYPE_TO_CONFIG_MAPPING} <= set(peft_types())
+    # The hub's own formats (docs/formats.md): PEFT has no such types, so there is no PEFT oracle for them here.
     assert set(peft_types()) - {t.value for t in PEFT_TYPE_TO_CONFIG_MAPPING} == {"BITFIT", "BOTTLENECK"}
 
 
@@ -116,3 +118,47 @@ def test_every_peft_type_registers_pushes_pulls_and_exports_byte_faithfully(worl
     target.activate(model, f"{name}@1")
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=IDS).logits, theirs(input_ids=IDS).logits, rtol=0, atol=1e-4)
+
+
+def _xlora_folder(base: Path, folder: Path, *, with_experts: bool) -> Path:
+    """An X-LoRA folder as PEFT lays it out: the config names its experts, the classifier at the top level, and
+    (unless PEFT 0.21.2's save dropped them) each expert LoRA in a subfolder."""
+    from peft import LoraConfig
+    from peft_saved import save_peft
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    names = ["expert_0", "expert_1"]
+    if with_experts:
+        for seed, name in enumerate(names):
+            save_peft(base, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), folder / name,
+                      seed=seed)
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "XLORA", "task_type": "CAUSAL_LM", "hidden_size": 32, "xlora_depth": 1,
+        "adapters": {name: name for name in names}}))
+    generator = torch.Generator().manual_seed(0)
+    save_file({"internal_xlora_classifier.layers.0.weight": torch.randn(2, 32, generator=generator),
+               "internal_xlora_classifier.layers.0.bias": torch.randn(2, generator=generator)},
+              folder / "adapter_model.safetensors")
+    return folder
+
+
+def test_xlora_folder_round_trips_byte_faithfully_and_one_with_expert_subfolders_is_refused(world) -> None:
+    root, server = world
+    base = root / "base"
+    hub = Hub(home=root / "xlora" / "home")
+    nested = _xlora_folder(base, root / "xlora" / "nested", with_experts=True)
+    with pytest.raises(InvalidArtifact, match=r"keeps the adapters it names in subfolders \(expert_0, expert_1\)"):
+        hub.register(nested, name="xl", base=base)
+    assert hub.list() == [] and not any(hub.store.root.rglob("*.safetensors"))
+
+    folder = _xlora_folder(base, root / "xlora" / "top", with_experts=False)
+    assert hub.register(folder, name="xl", base=base).version.method == "xlora"
+    Remote(hub, endpoint=server.url, token=TOKEN).push("xl@1", "alice/xl")
+    target = Hub(home=root / "xlora" / "target")
+    Remote(target, endpoint=server.url, token=TOKEN).pull("alice/xl", "v1")
+    exported = target.export("xl@1", root / "xlora" / "exported")
+    original, copy = (load_file(f / "adapter_model.safetensors") for f in (folder, exported))
+    assert original.keys() == copy.keys() and all(torch.equal(original[k], copy[k]) for k in original)
+    config = json.loads((exported / "adapter_config.json").read_text())
+    assert config["adapters"] == {"expert_0": "expert_0", "expert_1": "expert_1"} and config["peft_type"] == "XLORA"

@@ -135,6 +135,7 @@ def read_adapter(path: str | os.PathLike[str]) -> Adapter:
     config = read_config(folder / CONFIG_NAME)
     if not weights.exists():
         raise InvalidArtifact(f"{folder} has no {WEIGHTS_NAME}")
+    _refuse_nested_adapters(folder, config)
     from safetensors.torch import load_file  # torch loads only when tensors are read (fast registry commands)
 
     try:
@@ -144,6 +145,17 @@ def read_adapter(path: str | os.PathLike[str]) -> Adapter:
     adapter = Adapter(config=config, tensors=normalize_keys(method_of(config), tensors))
     validate(adapter)
     return adapter
+
+
+def _refuse_nested_adapters(folder: Path, config: dict[str, Any]) -> None:
+    """A folder whose config names other adapters saved in its subfolders (X-LoRA's experts: ``adapters``) is more
+    than one version can hold: registering the top level alone would drop the experts without a word."""
+    named = config.get("adapters") if isinstance(config.get("adapters"), dict) else {}
+    nested = sorted(name for name in named if (folder / name / CONFIG_NAME).is_file())
+    if nested:
+        shown = ", ".join(nested[:5]) + (", ..." if len(nested) > 5 else "")
+        raise InvalidArtifact(f"{folder} keeps the adapters it names in subfolders ({shown}), which one version cannot "
+                              "hold: register each of them, then combine them with hub compose --kind mixture")
 
 
 def read_config(path: Path) -> dict[str, Any]:
