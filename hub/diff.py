@@ -38,21 +38,6 @@ if TYPE_CHECKING:
     from hub.methods.base import Term
     from hub.registry import VersionInfo
 
-# Why a method's update is not an added ΔW (by the method name the registry records).
-NO_DELTA = {
-    "dora": "DoRA rescales each row by the norm of the base weight plus its update, so its ΔW depends on the base",
-    "ia3": "IA3 scales activations: its update multiplies, it does not add a ΔW",
-    "oft": "OFT rotates the weights: its update multiplies, it does not add a ΔW",
-    "boft": "BOFT rotates the weights: its update multiplies, it does not add a ΔW",
-    "prompt_tuning": "prompt tuning prepends virtual tokens and changes no weight",
-    "p_tuning": "P-tuning prepends virtual tokens and changes no weight",
-    "prefix_tuning": "prefix tuning adds attention keys and values and changes no weight",
-    "bottleneck": "bottleneck adapters add a nonlinear block, not a weight update",
-    "bitfit": "BitFit trains biases, not weight matrices",
-    "ln_tuning": "LayerNorm tuning replaces norm weights, not an added ΔW",
-    "stack": "a stack is several adapters at once: compare its members",
-    "mixture": "a mixture gates its experts per token: compare its experts",
-}
 Kron = tuple["torch.Tensor", "torch.Tensor", float]
 
 
@@ -167,13 +152,11 @@ def delta_refusal(version: VersionInfo) -> str | None:
     """Why ``version``'s weights cannot be compared (its method has no additive ΔW), or None when they can."""
     from hub.methods.table import lookup
 
-    if version.method in NO_DELTA:
-        return f"{version.ref}: {NO_DELTA[version.method]}"
     try:
-        low_rank = lookup(version.config.get("peft_type")).low_rank
+        why = lookup(version.config.get("peft_type")).delta_refusal(version.config)
     except HubError:  # a type this hub does not know: stored, never compared
-        low_rank = False
-    return None if low_rank else f"{version.ref}: the hub computes no weight update for {version.method} adapters"
+        why = f"the hub computes no weight update for {version.method} adapters"
+    return None if why is None else f"{version.ref}: {why}"
 
 
 def compare(a: VersionInfo, b: VersionInfo, *, adapters: tuple[Adapter, Adapter] | None = None) -> Diff:
@@ -244,11 +227,11 @@ def compare_weights(a: Adapter, b: Adapter) -> WeightDiff:
 
     terms, krons = [], []
     for adapter in (a, b):
-        if adapter.method in NO_DELTA or not adapter.kind.low_rank:
-            raise Incompatible(NO_DELTA.get(adapter.method,
-                                            f"the hub computes no weight update for {adapter.method} adapters"))
+        why = adapter.kind.delta_refusal(adapter.config)
+        if why is not None:
+            raise Incompatible(why)
         terms.append(adapter.kind.merge_terms(adapter, torch.float64))
-        krons.append(_kron_factors(adapter))
+        krons.append(adapter.kind.kronecker_factors(adapter))
     (terms_a, terms_b), (kron_a, kron_b) = terms, krons
     modules = []
     for path in sorted(terms_a.keys() | terms_b.keys()):
@@ -312,18 +295,3 @@ def _dense(term: Term) -> torch.Tensor:
     dense = term.b @ term.a
     return dense if term.bias is None else torch.cat([dense, term.bias[:, None]], dim=1)
 
-
-def _kron_factors(adapter: Adapter) -> dict[str, Kron]:
-    """A LoKr adapter's modules as (W₁, W₂, scale) with ΔW = scale · W₁ ⊗ W₂ (float64); {} for other methods."""
-    if adapter.method != "lokr":
-        return {}
-    import torch
-
-    def factor(params: dict[str, torch.Tensor], which: str) -> torch.Tensor:
-        whole = params.get(f"lokr_{which}")
-        if whole is not None:
-            return whole.to(torch.float64)
-        return params[f"lokr_{which}_a"].to(torch.float64) @ params[f"lokr_{which}_b"].to(torch.float64)
-
-    return {path: (factor(params, "w1"), factor(params, "w2"), float(adapter.kind.scales(adapter.config, path)))
-            for path, params in adapter.modules().items()}

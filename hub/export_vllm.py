@@ -32,19 +32,12 @@ if TYPE_CHECKING:
 
 # vLLM's allowed --max-lora-rank values (``MaxLoRARanks`` in vllm/config/lora.py, 0.33).
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-LORA_FAMILY = frozenset({"lora", "adalora", "loha", "lokr"})
-DORA = ("vLLM does not serve DoRA: its magnitude vector renormalizes by the base weight's column norms, which a "
-        "plain LoRA cannot express")
+# Config keys of adapters that have a ΔW the hub can read, but that vLLM does not serve.
 REFUSED = {
-    "use_dora": DORA,
+    "use_dora": "vLLM does not serve DoRA: its magnitude vector renormalizes by the base weight's column norms, "
+                "which a plain LoRA cannot express",
     "lora_bias": "vLLM does not serve LoRA biases",
     "modules_to_save": "vLLM does not serve modules_to_save (full copies of base modules)",
-}
-WHY_NOT = {
-    "dora": DORA,
-    "mixture": "a gated mixture weights its experts per token with a trained gate; vLLM runs one plain LoRA per "
-               "request: export its experts one by one, or a weighted sum of them (hub compose)",
-    "ia3": "IA3 rescales activations, which is not a low-rank update vLLM can apply",
 }
 # PEFT's prefix of every module key in adapter_model.safetensors (part of the file format).
 KEY_PREFIX = "base_model.model."
@@ -126,14 +119,13 @@ def relative_error(source: dict[str, tuple[torch.Tensor, torch.Tensor]],
 
 
 def _check_servable(ref: str, adapter: Adapter) -> None:
-    method = adapter.method
-    if method not in LORA_FAMILY:
-        why = WHY_NOT.get(method, f"{method} is not a low-rank update")
-        raise Incompatible(f"{ref} cannot be served by vLLM: {why}. Exportable: LoRA, rsLoRA, AdaLoRA, LoHa, LoKr, "
-                           "their weighted sums and stacks")
     for key, why in REFUSED.items():
         if adapter.config.get(key):
             raise Incompatible(f"{ref} cannot be served by vLLM: {why}")
+    why = adapter.kind.delta_refusal(adapter.config)
+    if why is not None:  # vLLM applies one low-rank ΔW per module
+        raise Incompatible(f"{ref} cannot be served by vLLM: {why}. Exportable: LoRA, rsLoRA, AdaLoRA, LoHa, LoKr, "
+                           "their weighted sums and stacks")
 
 
 def _hub_id(version: VersionInfo) -> str:

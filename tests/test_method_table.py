@@ -81,10 +81,7 @@ def _packages(name: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
-# Outside hub/methods, a method's name in a comparison or a literal collection is a branch on it. Known exceptions,
-# owned elsewhere, to move onto the table's flags: the remote's cards list the hub's own formats by name; the
-# diff and the vLLM export name the methods they refuse.
-ALLOWED = {"hub/remote/cards.py", "hub/diff.py", "hub/export_vllm.py"}
+# Outside hub/methods, a method's name in a comparison or a literal collection is a branch on it.
 
 
 def test_no_module_outside_the_method_table_branches_on_a_method_name() -> None:
@@ -105,7 +102,7 @@ def test_no_module_outside_the_method_table_branches_on_a_method_name() -> None:
             for item in candidates:
                 elements = item.elts if isinstance(item, (ast.Tuple, ast.Set, ast.List)) else [item]
                 for element in elements:
-                    if isinstance(element, ast.Constant) and element.value in names and relative not in ALLOWED:
+                    if isinstance(element, ast.Constant) and element.value in names:
                         found.append(f"{relative}:{element.lineno} {element.value!r}")
     assert found == []
 

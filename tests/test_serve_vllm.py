@@ -85,7 +85,7 @@ def test_the_vllm_export_is_the_source_delta_as_one_plain_lora(setup: dict[str, 
 
 
 @pytest.mark.parametrize(("ref", "reason"), [
-    ("dora", "DoRA"), ("mix", "gated mixture"), ("a2", "IA3 rescales activations"), ("stacked", "IA3"),
+    ("dora", "DoRA"), ("mix", "gated mixture"), ("a2", "IA3 scales activations"), ("stacked", "IA3"),
 ])
 def test_what_vllm_cannot_serve_is_refused_with_the_reason(setup: dict[str, Any], ref: str, reason: str,
                                                            tmp_path: Path) -> None:

@@ -139,6 +139,9 @@ class Method:
     low_rank: ClassVar[bool] = False  # summed through merge_terms, with any other low-rank method
     stackable: ClassVar[bool] = False
     mixture_expert: ClassVar[bool] = False  # gated per token at linear/embedding sites
+    peft_loadable: ClassVar[bool] = True  # False for the hub's own formats (docs/formats.md): PEFT cannot load them
+    # Why the update is not an added ΔW (``delta_refusal``), for a method that is not low-rank.
+    not_additive: ClassVar[str] = ""
     # Training: recipe names (``hub train --method``) → the new_adapter options each implies, and the peak
     # learning rate that trains it (bench/bench_train_tasks.py).
     recipes: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
@@ -173,6 +176,18 @@ class Method:
     def variants(self, config: Mapping[str, Any]) -> tuple[str, ...]:
         """Variants and initializations worth finding an adapter by (rslora, pissa...), beside ``label``."""
         return ()
+
+    def delta_refusal(self, config: Mapping[str, Any]) -> str | None:
+        """Why this adapter has no added ΔW (``merge_terms``) for ``hub diff`` and the vLLM export to read, or None
+        when it has one."""
+        if self.low_rank:
+            return None
+        return self.not_additive or f"the hub computes no weight update for {self.name} adapters"
+
+    def kronecker_factors(self, adapter: Adapter) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+        """Modules whose ΔW = scale · W₁ ⊗ W₂, as (W₁, W₂, scale) in float64 (``hub diff`` compares those in
+        O(size of the factors)); {} for a method whose updates are not Kronecker products."""
+        return {}
 
     def split_key(self, key: str) -> tuple[str, str] | None:
         """``base_model.model.<module>.<param>`` → (module, param), or None for a key outside the method's params."""

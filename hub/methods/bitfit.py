@@ -136,6 +136,8 @@ class BitFit(Method):
 
     peft_type = "BITFIT"
     name = NAME
+    peft_loadable = False
+    not_additive = "BitFit trains biases, not weight matrices"
     params = ("bias",)
     fields = {"target_modules": Modules(regex=False)}
     attachable = True

@@ -94,6 +94,7 @@ class Boft(SiteMethod):
 
     peft_type = "BOFT"
     name = "boft"
+    not_additive = "BOFT rotates the weights: its update multiplies, it does not add a ΔW"
     params = ("boft_R", "boft_s")
     fields = {"boft_block_size": Int(0), "boft_block_num": Int(0), "boft_n_butterfly_factor": Int(0),
               "fan_in_fan_out": Bool()}

@@ -219,6 +219,8 @@ class BottleneckMethod(Method):
 
     peft_type = "BOTTLENECK"
     name = NAME
+    peft_loadable = False
+    not_additive = "bottleneck adapters add a nonlinear block, not a weight update"
     params = ("adapter_down.weight", "adapter_down.bias", "adapter_up.weight", "adapter_up.bias")
     fields = {"placement": Text(PLACEMENTS), "non_linearity": Text(tuple(ACTIVATIONS)), "bottleneck_size": Int(1),
               "target_modules": Modules(regex=False)}

@@ -13,7 +13,21 @@ if TYPE_CHECKING:
     import torch
 
 
+# Why a composition has no single ΔW (Method.delta_refusal), by its name.
+NOT_ADDITIVE = {
+    "stack": "a stack is several adapters at once: compare or export its members, or a weighted sum of them",
+    "mixture": "a gated mixture weights its experts per token with a trained gate, which no single ΔW expresses: use "
+               "its experts one by one, or a weighted sum of them (hub compose)",
+}
+
+
 class CompositionArtifact(Method):
+    peft_loadable = False
+
+    def __init__(self, peft_type: str, name: str):
+        super().__init__(peft_type, name)
+        self.not_additive = NOT_ADDITIVE[name]
+
     def validate(self, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
         validate_composition(self.name, dict(config), dict(tensors))
 

@@ -127,6 +127,7 @@ class IA3(SiteMethod):
 
     peft_type = "IA3"
     name = "ia3"
+    not_additive = "IA3 scales activations: its update multiplies, it does not add a ΔW"
     params = ("ia3_l",)
     fields = {"feedforward_modules": Modules(), "fan_in_fan_out": Bool(), "init_ia3_weights": Bool()}
     summable = True

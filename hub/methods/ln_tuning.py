@@ -188,6 +188,7 @@ class LNTuning(Method):
 
     peft_type = "LN_TUNING"
     name = NAME
+    not_additive = "LayerNorm tuning replaces norm weights, not an added ΔW"
     params = ("ln_tuning_layers.weight", "ln_tuning_layers.bias")
     attachable = True
     stackable = True

@@ -185,6 +185,16 @@ class LoKr(Lycoris):
     def build(self, model: nn.Module, adapter: Adapter) -> dict[str, LoKrDelta]:
         return build(model, adapter)
 
+    def kronecker_factors(self, adapter: Adapter) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+        def factor(params: dict[str, torch.Tensor], which: str) -> torch.Tensor:
+            whole = params.get(f"lokr_{which}")
+            if whole is not None:
+                return whole.to(torch.float64)
+            return params[f"lokr_{which}_a"].to(torch.float64) @ params[f"lokr_{which}_b"].to(torch.float64)
+
+        return {path: (factor(params, "w1"), factor(params, "w2"), float(self.scales(adapter.config, path)))
+                for path, params in adapter.modules().items()}
+
     def merge_terms(self, adapter: Adapter, work: torch.dtype) -> dict[str, Term]:
         terms = {}
         for path, params in adapter.modules().items():

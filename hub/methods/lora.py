@@ -374,6 +374,10 @@ class Lora(SiteMethod):
     def build(self, model: nn.Module, adapter: Adapter) -> dict[str, AdditiveDelta]:
         return build(model, adapter)
 
+    def delta_refusal(self, config: Mapping[str, Any]) -> str | None:
+        return next((why for key, why in SUMS_REFUSE.items() if config.get(key) not in (None, False, [], {}, "")),
+                    None)
+
     def merge_terms(self, adapter: Adapter, work: torch.dtype) -> dict[str, Term]:
         config = adapter.config
         refuse_sum(config, SUMS_REFUSE)

@@ -164,6 +164,7 @@ class Oft(SiteMethod):
 
     peft_type = "OFT"
     name = "oft"
+    not_additive = "OFT rotates the weights: its update multiplies, it does not add a ΔW"
     params = ("oft_R.weight", "oft_R", "oft_s")
     fields = {"r": Int(0), "oft_block_size": Int(0), "use_cayley_neumann": Bool(), "num_cayley_neumann_terms": Int(1),
               "coft": Bool(), "eps": Number(), "block_share": Bool(), "fan_in_fan_out": Bool()}

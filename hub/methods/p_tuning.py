@@ -22,6 +22,7 @@ def attach(model: nn.Module, adapter: Adapter, *, name: str, weight: float = 1.0
 class PTuning(VirtualTokenMethod):
     peft_type = "P_TUNING"
     name = "p_tuning"
+    not_additive = "P-tuning prepends virtual tokens and changes no weight"
     summable = True
     notes = "the prompt PEFT baked from its encoder at save time; not trained here (its encoder is not saved)"
 

@@ -34,6 +34,7 @@ def new_adapter(model: nn.Module, *, num_virtual_tokens: int = 8, seed: int = 0)
 class PrefixTuning(VirtualTokenMethod):
     peft_type = "PREFIX_TUNING"
     name = "prefix_tuning"
+    not_additive = "prefix tuning adds attention keys and values and changes no weight"
     recipes = {"prefix_tuning": {}}
     default_lr = 1e-2
     make = staticmethod(new_adapter)

@@ -72,6 +72,7 @@ def new_adapter(
 class PromptTuning(VirtualTokenMethod):
     peft_type = "PROMPT_TUNING"
     name = "prompt_tuning"
+    not_additive = "prompt tuning prepends virtual tokens and changes no weight"
     fields = {**VirtualTokenMethod.fields, "prompt_tuning_init": Text(("RANDOM", "SAMPLE_VOCAB", "TEXT")),
               "prompt_tuning_init_text": Text()}
     summable = True

@@ -27,6 +27,7 @@ from yaml.resolver import Resolver
 from hub.errors import InvalidArtifact
 from hub.fingerprint import Fingerprint
 from hub.formats.spec import METHOD_TO_PEFT_TYPE
+from hub.methods.table import lookup
 from hub.registry import Metric, Parent, VersionInfo
 from hub.registry.refs import NAME
 from hub.remote.paths import is_hub_model_id
@@ -39,8 +40,6 @@ MAX_CARD_BYTES = 1 << 20
 MAX_YAML_NODES = 20_000  # counted with every alias expanded, so an alias bomb counts at its full size
 MAX_YAML_DEPTH = 32
 DIGEST = re.compile(r"^[0-9a-f]{64}$")
-# The hub's own formats: PEFT cannot load them, so their cards get the hub's loading snippet, not PEFT's.
-HUB_FORMATS = frozenset({"bitfit", "bottleneck", "stack", "mixture"})
 # PEFT's task_type → the Hub's task id, for the card's model-index.
 HUB_TASKS = {"CAUSAL_LM": "text-generation", "SEQ_2_SEQ_LM": "text2text-generation",
              "SEQ_CLS": "text-classification", "TOKEN_CLS": "token-classification",
@@ -341,7 +340,8 @@ def model_card(version: VersionInfo, *, repo_id: str, base_model: str | None = N
     """
     if base_model is None and is_hub_model_id(version.base_name):
         base_model = version.base_name
-    peft_format = version.method not in HUB_FORMATS
+    # The hub's own formats (Method.peft_loadable) get the hub's loading snippet, not PEFT's.
+    peft_format = lookup(version.config.get("peft_type")).peft_loadable
     tags = ["adapter-hub", version.method, *version.tags]
     if base_model:
         tags.append(f"base_model:adapter:{base_model}")

@@ -25,8 +25,9 @@ from starlette.exceptions import HTTPException
 
 from hub.client import Hub, Query
 from hub.errors import DatabaseError, HubError, NotFound, QueryError
+from hub.methods.table import lookup
 from hub.registry import browse
-from hub.remote.cards import HUB_FORMATS, model_card
+from hub.remote.cards import model_card
 from hub.secrets import scrub
 from hub.web.svg import Edge, Node, lineage_graph, metric_chart
 
@@ -244,7 +245,7 @@ def _snippets(request: Request, v: Any, remotes: list[Any]) -> list[tuple[str, s
     folder = f"./{v.name}-v{v.number}"
     base = v.base_name if v.base_name else "BASE-MODEL"
     snippets = []
-    if v.method not in HUB_FORMATS:
+    if lookup(v.config.get("peft_type")).peft_loadable:
         source = (f'"{remotes[0].repo_id}", revision="{remotes[0].tag}"' if remotes
                   else f'"{folder}"  # after: hub export {v.ref} {folder}')
         snippets.append(("peft", "PEFT", "from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
