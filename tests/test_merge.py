@@ -7,9 +7,11 @@ alpha_pattern, rsLoRA, LoHa, LoKr) are PEFT's, not re-derived here.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_llama_config
@@ -254,6 +256,31 @@ def same_rank_pair(make):
     return a, b
 
 
+def dare_mask(seed: int, path: str, index: int, shape: tuple[int, int], density: float) -> torch.Tensor:
+    """DARE's keep mask for input ``index`` at module ``path``, from the stream hub.composition.merge documents."""
+    key = int.from_bytes(hashlib.sha256(path.encode()).digest()[:8], "little")
+    n = shape[0] * shape[1]
+    words = np.random.SFC64(np.random.SeedSequence([seed % 2**64, key, index])).random_raw((n + 1) // 2)
+    return torch.from_numpy(words.view(np.int32)[:n] < -(2**31) + round(density * 2**32)).reshape(shape)
+
+
+def reference_merge(deltas: list[tuple[int, float, torch.Tensor]], strategy: str, density: float, sign: str,
+                    seed: int, path: str) -> torch.Tensor:
+    """One module's pruned merge, straightforwardly on whole dense deltas with PEFT's merge_utils: (input position,
+    weight, ΔW) per input present at the module."""
+    w = torch.tensor([weight for _, weight, _ in deltas])
+    tensors = [delta for _, _, delta in deltas]
+    if strategy in ("ties", "magnitude_prune"):
+        return getattr(merge_utils, strategy)(tensors, w, density, **({"majority_sign_method": sign}
+                                                                      if strategy == "ties" else {}))
+    pruned = torch.stack([delta * dare_mask(seed, path, index, delta.shape, density) / density
+                          for index, _, delta in deltas])
+    if strategy == "dare_linear":
+        return (pruned * w.view(-1, 1, 1)).sum(0)
+    elected = merge_utils.calculate_majority_sign_mask(pruned, method=sign)
+    return merge_utils.disjoint_merge(pruned * w.view(-1, 1, 1), elected)
+
+
 @pytest.mark.parametrize(("strategy", "sign"), [("ties", "total"), ("magnitude_prune", "total"),
                                                 ("dare_linear", "total"), ("dare_ties", "frequency")])
 def test_pruning_strategies_follow_peft_merge_utils_on_dense_deltas(same_rank_pair, strategy, sign):
@@ -264,17 +291,73 @@ def test_pruning_strategies_follow_peft_merge_utils_on_dense_deltas(same_rank_pa
     deltas = [peft_deltas(dir_a), peft_deltas(dir_b)]
     got = merged_deltas(result.adapter)
     assert set(got) == set(deltas[0]) | set(deltas[1])
-    # The documented random stream: one generator seeded with `seed`, modules in path order, adapters in order.
-    torch.manual_seed(seed)
     for path in sorted(got):
-        present = [(w, d[path]) for w, d in zip(weights, deltas, strict=True) if path in d]
-        tensors, w = [t for _, t in present], torch.tensor([w for w, _ in present])
-        if strategy in ("ties", "dare_ties"):
-            expected = getattr(merge_utils, strategy)(tensors, w, density, majority_sign_method=sign)
-        else:
-            expected = getattr(merge_utils, strategy)(tensors, w, density)
-        assert_close(got[path], expected, rtol=1e-4)
+        present = [(i, w, d[path]) for i, (w, d) in enumerate(zip(weights, deltas, strict=True)) if path in d]
+        assert_close(got[path], reference_merge(present, strategy, density, sign, seed, path), rtol=1e-4)
+        assert result.truncation[path] < 1e-5
     assert result.recipe["density"] == density and result.recipe["seed"] == seed
+
+
+def lora(shapes: dict[str, tuple[int, int]], rank: int, seed: int) -> Adapter:
+    """A LoRA with scaling 1 (lora_alpha = r) and random factors of the given module shapes (out, in)."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for path, (rows, cols) in shapes.items():
+        tensors[f"{PREFIX}{path}.lora_A.weight"] = torch.randn(rank, cols, generator=gen) / math.sqrt(cols)
+        tensors[f"{PREFIX}{path}.lora_B.weight"] = torch.randn(rows, rank, generator=gen)
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank,
+              "target_modules": sorted({path.rsplit(".", 1)[-1] for path in shapes})}
+    return Adapter(config=config, tensors=tensors)
+
+
+# Modules of several row blocks each (BLOCK_ELEMENTS entries apiece), one with an odd width (DARE draws two
+# entries per 64-bit word) and one that only the first two inputs adapt.
+BLOCKED = {"model.layers.0.mlp.down_proj": (700, 901), "model.layers.0.mlp.up_proj": (1200, 300)}
+BLOCKED_WEIGHTS = [1.0, -0.5, 0.8]
+
+
+@pytest.fixture(scope="module")
+def blocked_trio() -> list[Adapter]:
+    up = {"model.layers.0.mlp.up_proj": BLOCKED["model.layers.0.mlp.up_proj"]}
+    return [lora(BLOCKED, 4, 1), lora(BLOCKED, 8, 2), lora({k: v for k, v in BLOCKED.items() if k not in up}, 4, 3)]
+
+
+def dense_deltas(adapters: list[Adapter], path: str) -> list[tuple[int, float, torch.Tensor]]:
+    return [(i, w, params["lora_B.weight"] @ params["lora_A.weight"])
+            for i, (w, adapter) in enumerate(zip(BLOCKED_WEIGHTS, adapters, strict=True))
+            if (params := adapter.modules().get(path))]
+
+
+@pytest.mark.parametrize(("strategy", "sign"), [("ties", "total"), ("magnitude_prune", "total"),
+                                                ("dare_linear", "total"), ("dare_ties", "total")])
+def test_blockwise_pruning_equals_the_dense_reference_and_reports_its_measured_error(blocked_trio, strategy, sign):
+    density, seed = 0.3, 5
+    full = merge(blocked_trio, BLOCKED_WEIGHTS, strategy=strategy, density=density, majority_sign=sign, seed=seed,
+                 rank=1200)
+    low = merge(blocked_trio, BLOCKED_WEIGHTS, strategy=strategy, density=density, majority_sign=sign, seed=seed,
+                rank=6)
+    got, truncated = merged_deltas(full.adapter), merged_deltas(low.adapter)
+    error = norm = 0.0
+    for path in BLOCKED:
+        expected = reference_merge(dense_deltas(blocked_trio, path), strategy, density, sign, seed, path)
+        assert_close(got[path], expected, rtol=1e-4)
+        # The reported truncation error is the one the stored factors reach, and near the optimal rank-6 one.
+        residual = (expected - truncated[path]).norm().item()
+        assert math.isclose(low.truncation[path], residual / expected.norm().item(), rel_tol=1e-3)
+        optimal = torch.linalg.svdvals(expected.double())[6:].square().sum().sqrt().item()
+        assert optimal <= residual <= 1.05 * optimal
+        error, norm = error + residual**2, norm + expected.norm().item() ** 2
+    assert math.isclose(low.truncation_error, math.sqrt(error / norm), rel_tol=1e-3)
+    assert low.adapter.modules()["model.layers.0.mlp.up_proj"]["lora_A.weight"].shape[0] == 6
+
+
+def test_svd_reports_the_error_of_its_truncation(blocked_trio):
+    result = merge(blocked_trio, BLOCKED_WEIGHTS, strategy="svd", rank=5)
+    got = merged_deltas(result.adapter)
+    for path in BLOCKED:
+        exact = sum(w * delta for _, w, delta in dense_deltas(blocked_trio, path))
+        assert math.isclose(result.truncation[path], ((exact - got[path]).norm() / exact.norm()).item(), rel_tol=1e-3)
+    assert merge(blocked_trio, BLOCKED_WEIGHTS).truncation is None  # exact: nothing truncated
 
 
 def test_dare_is_reproducible_with_a_seed_and_differs_with_another(same_rank_pair):

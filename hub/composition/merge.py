@@ -14,8 +14,16 @@ Then, per module (a module present in only some adapters gets only their deltas)
 
 - ``exact``: the true Σ wᵢ ΔWᵢ by concatenation (rank Σ rᵢ; never above min(d, k), where it is reduced losslessly);
 - ``svd``: the optimal rank-``rank`` truncation of that sum, from the factors (QR + small SVD, see lowrank.py);
-- ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``: PEFT's merge_utils semantics applied to the dense
-  deltas ΔWᵢ (pruning is elementwise, so a dense matrix per module is inherent), then factored back at ``rank``.
+- ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``: PEFT's merge_utils semantics (TIES: Yadav et al.
+  2023; DARE: Yu et al. 2024) applied to the true deltas ΔWᵢ, not to their factors as PEFT's add_weighted_adapter
+  does (pruning is elementwise, so it depends on the factorization there). Modules are merged one at a time and
+  each a block of rows at a time: the inputs' dense deltas exist one block at a time, the merged d×k delta is
+  the only whole dense matrix (one at a time, in a buffer reused from module to module). Magnitude pruning keeps
+  each delta's int(density·d·k) largest |entries| (all those tied with the threshold), the threshold selected
+  exactly in O(d·k); DARE keeps each entry with probability ``density`` from its own seeded stream per module and
+  input (see _dare_prune), so a seed reproduces the merge whatever the order or blocks. The merged delta is then
+  factored back at ``rank`` by a seeded randomized SVD (lowrank.factor_dense) and the error reached is measured
+  (MergeResult.truncation).
 
 The result is a plain PEFT LoRA whose scaling is exactly 1 in every module (lora_alpha = r, with rank_pattern and
 alpha_pattern for modules of another rank), targeting exactly the modules in its tensors. IA3 vectors and prompt
@@ -24,6 +32,7 @@ embeddings of identical layout are summed directly. Everything else is refused w
 
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
 import re
@@ -31,9 +40,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
-from hub.composition.lowrank import factor_dense, truncate_product
+from hub.composition.lowrank import BLOCK_ELEMENTS, factor_dense, residual_norm, truncate_product
 from hub.errors import Incompatible
 from hub.formats import Adapter, adapter_digest, validate
 from hub.formats.peft import KEY_PREFIX
@@ -46,6 +56,8 @@ SIGN_ELECTING = frozenset({"ties", "dare_ties"})
 MAJORITY_SIGNS = ("total", "frequency")
 # PEFT saves an adapted embedding's base layer beside its factors (save_embedding_layers, for resized vocabularies).
 BASE_COPY = ".base_layer."
+# Entries sampled (at most) to bracket a magnitude threshold: the bracket holds about 10/√(sample) of the entries.
+THRESHOLD_SAMPLE = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -54,10 +66,19 @@ class MergeResult:
 
     ``recipe`` holds ``strategy``, ``weights``, ``rank``, ``density``, ``majority_sign``, ``seed`` (None where the
     strategy does not use them) and ``parents``: the inputs' digests in the order the weights refer to.
+
+    ``truncation`` (``svd`` and the pruning strategies; None for ``exact`` and non-low-rank merges, which are
+    exact): per module path, the relative Frobenius error ‖ΔW − B·A‖_F / ‖ΔW‖_F of the stored factors B·A against
+    the merge's delta ΔW at working precision (float32 or wider, before casting to the inputs' dtype); 0 for an
+    all-zero ΔW. For the pruning strategies it is measured entry by entry against the dense merged delta; for
+    ``svd`` it comes from the singular values of the exact sum. ``truncation_error``: the same over all modules
+    together, √(Σ‖ΔW − B·A‖²_F / Σ‖ΔW‖²_F).
     """
 
     adapter: Adapter
     recipe: dict[str, Any]
+    truncation: dict[str, float] | None = None
+    truncation_error: float | None = None
 
 
 def merge(
@@ -77,6 +98,11 @@ def merge(
     strategies, in (0, 1]): the fraction of each delta's entries kept. ``majority_sign`` ("total" or "frequency"):
     how ties/dare_ties elect each entry's sign. ``seed`` makes DARE's random pruning and the randomized SVD of
     large dense modules reproducible. Whether the adapters share a base is the caller's check.
+
+    Returns the adapter, its recipe and, for ``svd`` and the pruning strategies, the relative Frobenius error of
+    its factors per module and overall (MergeResult.truncation, .truncation_error). Memory: the inputs' factors
+    plus, for the pruning strategies, one module's dense merged delta (d×k in float32: 180 MB at 4096×11008).
+    Raises Incompatible (one line) for bad options, mismatched layouts or methods that cannot be summed.
     """
     adapters = list(adapters)
     weight_list = _check_weights(adapters, weights)
@@ -91,11 +117,11 @@ def merge(
     if all(kind.low_rank for kind in kinds):
         # svd's default rank is PEFT's, the largest input rank; each module keeps at most what it can hold.
         svd_rank = max(a.spec.rank or PEFT_DEFAULT_R for a in adapters) if strategy == "svd" and rank is None else rank
-        merged = _merge_low_rank(adapters, weight_list, strategy, svd_rank, density, majority_sign, seed,
-                                 explicit_rank=rank is not None)
+        merged, squares = _merge_low_rank(adapters, weight_list, strategy, svd_rank, density, majority_sign, seed,
+                                          explicit_rank=rank is not None)
     elif len(set(kinds)) == 1 and kinds[0].summable:
         _require_plain_sum(strategy, rank, density, kinds[0].name)
-        merged = kinds[0].weighted_sum(adapters, weight_list)
+        merged, squares = kinds[0].weighted_sum(adapters, weight_list), None
     else:
         methods = [adapter.method for adapter in adapters]
         low_rank = ", ".join(sorted({m.name for m in all_methods() if m.low_rank}))
@@ -113,7 +139,12 @@ def merge(
         "seed": seed if strategy in PRUNING_STRATEGIES else None,
         "parents": [adapter_digest(adapter) for adapter in adapters],
     }
-    return MergeResult(adapter=merged, recipe=recipe)
+    if squares is None:
+        return MergeResult(adapter=merged, recipe=recipe)
+    truncation = {path: math.sqrt(error / norm) if norm else 0.0 for path, (error, norm) in squares.items()}
+    total_norm = sum(norm for _, norm in squares.values())
+    overall = math.sqrt(sum(error for error, _ in squares.values()) / total_norm) if total_norm else 0.0
+    return MergeResult(adapter=merged, recipe=recipe, truncation=truncation, truncation_error=overall)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -168,7 +199,8 @@ def _require_plain_sum(strategy: str, rank: int | None, density: float | None, w
 
 
 def _merge_low_rank(adapters: list[Adapter], weights: list[float], strategy: str, rank: int | None,
-                    density: float | None, majority_sign: str, seed: int, *, explicit_rank: bool) -> Adapter:
+                    density: float | None, majority_sign: str, seed: int, *,
+                    explicit_rank: bool) -> tuple[Adapter, dict[str, tuple[float, float]] | None]:
     """The low-rank sum; a rank the user gave (``explicit_rank``) that no module can reach is refused, a default
     one is capped per module."""
     dtype = common_dtype(adapters)
@@ -192,18 +224,21 @@ def _merge_low_rank(adapters: list[Adapter], weights: list[float], strategy: str
     if strategy in PRUNING_STRATEGIES and any(t.bias is not None for ts in by_module.values() for _, t in ts):
         raise Incompatible(f"adapters with lora_bias can be merged by 'exact' or 'svd', not by {strategy!r}")
 
-    prune_generator = torch.Generator().manual_seed(seed)
-    sketch_generator = torch.Generator().manual_seed(seed)
+    if strategy in PRUNING_STRATEGIES:
+        # One merged dense delta at a time, in memory touched once: fresh pages cost a fault per 4 KiB, a tenth of
+        # the time of the merge itself.
+        arena = torch.empty(max(math.prod(terms[0][1].shape) for terms in by_module.values()), dtype=work)
     merged: dict[str, Term] = {}
-    # Sorted order fixes which random numbers each module's DARE mask uses, so a seed reproduces the merge.
+    errors: dict[str, tuple[float, float]] = {}
     for path in sorted(by_module):
-        terms = [(weights[i], term) for i, term in by_module[path]]
         if strategy in ("exact", "svd"):
-            factors = _sum_factored(terms, strategy, rank)
+            outcome = _sum_factored([(weights[i], term) for i, term in by_module[path]], strategy, rank)
         else:
-            factors = _sum_dense(terms, strategy, rank, density, majority_sign, prune_generator, sketch_generator)
-        if factors is not None:
-            merged[path] = factors
+            outcome = _sum_pruned(path, [(i, weights[i], term) for i, term in by_module[path]], strategy, rank,
+                                  density, majority_sign, seed, arena)
+        if outcome is not None:
+            merged[path], *squares = outcome
+            errors[path] = tuple(squares)
     if not merged:
         raise Incompatible("every adapter with a non-zero weight is empty: nothing to merge")
     merged_adapter = _lora_adapter(adapters, merged, dtype)
@@ -212,7 +247,7 @@ def _merge_low_rank(adapters: list[Adapter], weights: list[float], strategy: str
     if saved:
         merged_adapter = Adapter(config={**merged_adapter.config, "modules_to_save": saved},
                                  tensors=merged_adapter.tensors)
-    return merged_adapter
+    return merged_adapter, (None if strategy == "exact" else errors)
 
 
 def _carried(adapters: list[Adapter]) -> dict[str, torch.Tensor]:
@@ -261,7 +296,7 @@ def _describe(term: Term) -> str:
     return f"{'an embedding' if term.embedding else 'a linear'} {term.shape[0]}×{term.shape[1]}"
 
 
-def _sum_factored(terms: list[tuple[float, Term]], strategy: str, rank: int | None) -> Term | None:
+def _sum_factored(terms: list[tuple[float, Term]], strategy: str, rank: int | None) -> tuple[Term, float, float] | None:
     live = [(weight, term) for weight, term in terms if weight != 0]
     if not live:
         return None
@@ -269,56 +304,139 @@ def _sum_factored(terms: list[tuple[float, Term]], strategy: str, rank: int | No
     b = torch.cat([term.b for _, term in live], dim=1)
     a = torch.cat([weight * term.a for weight, term in live], dim=0)
     full = min(first.shape)
+    error = norm = 0.0  # `exact` reports no truncation
     if strategy == "svd":
-        b, a = truncate_product(b, a, min(rank, full))
+        b, a, error, norm = truncate_product(b, a, min(rank, full))
     elif b.shape[1] > full:
         # A concatenation wider than the matrix itself carries redundant rank: drop it without loss.
-        b, a = truncate_product(b, a, full)
+        b, a, _, _ = truncate_product(b, a, full)
     biases = [weight * term.bias for weight, term in live if term.bias is not None]
     bias = torch.stack(biases).sum(0) if biases else None
-    return Term(b=b, a=a, bias=bias, embedding=first.embedding)
+    return Term(b=b, a=a, bias=bias, embedding=first.embedding), error, norm
 
 
-def _sum_dense(terms: list[tuple[float, Term]], strategy: str, rank: int | None, density: float,
-               majority_sign: str, prune_generator: torch.Generator,
-               sketch_generator: torch.Generator) -> Term | None:
-    if not any(weight for weight, _ in terms):
+def _sum_pruned(path: str, terms: list[tuple[int, float, Term]], strategy: str, rank: int | None, density: float,
+                majority_sign: str, seed: int, arena: torch.Tensor) -> tuple[Term, float, float] | None:
+    """One module's TIES/DARE/magnitude merge on the true deltas ΔWᵢ = bᵢ·aᵢ, a block of rows at a time: the merged
+    d×k delta (in ``arena``, reused from module to module) is the only dense matrix; the inputs' deltas exist one
+    block at a time. Returns the factors at the target rank and their measured (error², norm²).
+    ``terms``: (input position, weight, factors)."""
+    if not any(weight for _, weight, _ in terms):
         return None
-    first = terms[0][1]
-    deltas = [term.b @ term.a for _, term in terms]
-    if strategy in ("ties", "magnitude_prune"):
-        pruned = torch.stack([_magnitude_prune(delta, density) for delta in deltas])
-    else:
-        pruned = torch.stack([_random_prune(delta, density, prune_generator) for delta in deltas])
-    weighted = pruned * torch.tensor([w for w, _ in terms], dtype=pruned.dtype).view(-1, 1, 1)
-    if strategy in SIGN_ELECTING:
-        # PEFT's disjoint merge: the sign is elected on the unweighted deltas, then agreeing entries are averaged.
-        signs = pruned.sign()
-        votes = pruned.sum(0) if majority_sign == "total" else signs.sum(0)
-        agree = signs == torch.where(votes >= 0, 1.0, -1.0)
-        total = (weighted * agree).sum(0) / agree.sum(0).clamp(min=1)
-    else:
-        total = weighted.sum(0)
-    target = rank if rank is not None else sum(term.a.shape[0] for _, term in terms)
-    b, a = factor_dense(total, min(target, *first.shape), generator=sketch_generator)
-    return Term(b=b, a=a, bias=None, embedding=first.embedding)
+    first = terms[0][2]
+    rows, cols = first.shape
+    total = arena[:rows * cols].view(rows, cols)
+    step = _block_rows(cols)
+    blocks = [slice(start, start + step) for start in range(0, rows, step)]
+    pruned = [torch.empty(min(step, rows), cols, dtype=total.dtype) for _ in terms]
+    if strategy in ("ties", "magnitude_prune") and density < 1:
+        keep = int(density * rows * cols)
+        # hardshrink keeps |x| > λ: the largest number of the working dtype below the threshold keeps exactly
+        # |x| ≥ threshold (entries tied with it are all kept).
+        lambdas = [float(np.nextafter(_kth_largest_abs(t.b, t.a, keep, blocks, pruned[0]), 0)) for *_, t in terms]
+    dare = strategy.startswith("dare") and density < 1
+    streams = [_dare_stream(seed, path, index) for index, _, _ in terms] if dare else []
+    # DARE's 1/density rescale of the kept entries, folded into the weights: a common positive factor elects the
+    # same signs.
+    weights = [weight / density if dare else weight for _, weight, _ in terms]
+    sign, vote, agree = (torch.empty_like(pruned[0]) for _ in range(3))
+    for block in blocks:
+        out = total[block]
+        views = [buffer[:out.shape[0]] for buffer in pruned]
+        for slot, (view, (_, _, term)) in enumerate(zip(views, terms, strict=True)):
+            torch.mm(term.b[block], term.a, out=view)
+            if dare:
+                _dare_prune(view, density, streams[slot])
+            elif density < 1:
+                torch.hardshrink(view, lambdas[slot], out=view)
+        if strategy not in SIGN_ELECTING:
+            out.zero_()
+            for view, weight in zip(views, weights, strict=True):
+                out.add_(view, alpha=weight)
+            continue
+        # PEFT's disjoint merge: each entry's sign is elected on the unweighted pruned deltas (their sum, or the
+        # count of signs), and the weighted entries that agree with it are averaged.
+        elected, votes, agreeing = sign[:out.shape[0]], vote[:out.shape[0]], agree[:out.shape[0]]
+        votes.zero_()
+        for view in views:
+            votes.add_(view if majority_sign == "total" else torch.sign(view, out=out))
+        torch.sign(votes, out=elected).add_(0.5).sign_()  # a tied vote (0) elects +1, as in PEFT
+        votes.zero_()  # from here on: the weighted sum of the agreeing magnitudes
+        agreeing.zero_()
+        for view, weight in zip(views, weights, strict=True):
+            view.mul_(elected).clamp_(min=0)  # |entry| where its sign is the elected one, else 0
+            votes.add_(view, alpha=weight)
+            agreeing.add_(view.sign_())
+        torch.div(votes.mul_(elected), agreeing.clamp_(min=1), out=out)
+    del pruned, sign, vote, agree
+    target = min(rank if rank is not None else sum(t.a.shape[0] for _, _, t in terms), rows, cols)
+    b, a = factor_dense(total, target, generator=torch.Generator().manual_seed(seed))
+    error, norm = residual_norm(total, b, a)
+    return Term(b=b, a=a, bias=None, embedding=first.embedding), error, norm
 
 
-def _magnitude_prune(delta: torch.Tensor, density: float) -> torch.Tensor:
-    if density >= 1:
-        return delta
-    keep = int(density * delta.numel())
-    mask = torch.zeros(delta.numel(), dtype=delta.dtype)
-    mask[torch.topk(delta.abs().reshape(-1), k=keep).indices] = 1
-    return delta * mask.view_as(delta)
+def _block_rows(cols: int) -> int:
+    """Rows per block: about BLOCK_ELEMENTS entries, an even count of them so that DARE's stream (two 32-bit draws
+    per 64-bit word) maps to the entries in row-major order whatever the block size."""
+    rows = max(1, BLOCK_ELEMENTS // cols)
+    return rows + rows % 2 if cols % 2 else rows
 
 
-def _random_prune(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
-    if density >= 1:
-        return delta
-    # DARE: keep each entry with probability density and rescale, so the expected delta is unchanged.
-    mask = torch.bernoulli(torch.full_like(delta, density), generator=generator)
-    return delta * mask / density
+def _kth_largest_abs(b: torch.Tensor, a: torch.Tensor, keep: int, blocks: list[slice],
+                     buffer: torch.Tensor) -> np.floating:
+    """The ``keep``-th largest |entry| of b·a (b: d×r, a: r×k; keep in [0, d·k], 0 giving +inf), exactly, in O(d·k)
+    time and memory for ~2% of the entries: a sample of entries brackets the value (5 standard deviations of the
+    sample quantile on each side), one pass over the blocks counts the entries above the bracket and keeps those
+    inside, and the value is selected among these; a bracket that misses it falls back to a selection among all
+    entries. ``buffer``: room for one block, in the working dtype."""
+    dtype = buffer.numpy().dtype
+    if keep == 0:
+        return dtype.type(np.inf)
+    rows, cols = b.shape[0], a.shape[1]
+    n = rows * cols
+    below = (n - keep) / n  # the share of entries under the threshold
+    # Gathering a sampled entry costs about what a pass costs per 64 entries: small modules take a smaller sample
+    # (and a wider bracket), or sampling would cost more than the pass itself.
+    size = min(THRESHOLD_SAMPLE, max(1024, n // 64))
+    sampler = torch.Generator().manual_seed(0)  # placement of the sample only: the value found is exact anyway
+    picked_rows = torch.randint(rows, (size,), generator=sampler)
+    picked_cols = torch.randint(cols, (size,), generator=sampler)
+    sample = (b[picked_rows] * a[:, picked_cols].T).sum(1).abs().numpy()
+    margin = 5 * math.sqrt(below * (1 - below) / size) + 2 / size
+    low_at, high_at = int((below - margin) * size), int((below + margin) * size)
+    ordered = np.partition(sample, [min(max(at, 0), size - 1) for at in (low_at, high_at)])
+    low = ordered[low_at] if low_at >= 0 else -1.0
+    high = ordered[high_at] if high_at < size else math.inf
+    above, inside = 0, []
+    for block in blocks:
+        # numpy's comparisons, counts and boolean selection run several times faster than torch's on the CPU.
+        magnitudes = torch.mm(b[block], a, out=buffer[:b[block].shape[0]]).numpy()
+        np.abs(magnitudes, out=magnitudes)
+        over_low = magnitudes > low
+        over_high = magnitudes > high
+        above += int(np.count_nonzero(over_high))
+        inside.append(magnitudes[over_low ^ over_high])  # high ≥ low, so this is low < |x| ≤ high
+    candidates = np.concatenate(inside)
+    if not above < keep <= above + candidates.size:
+        candidates, above = np.abs(np.concatenate([(b[block] @ a).numpy().reshape(-1) for block in blocks])), 0
+    position = candidates.size - (keep - above)  # the threshold's place among the candidates in ascending order
+    return np.partition(candidates, position)[position]
+
+
+def _dare_stream(seed: int, path: str, index: int) -> np.random.SFC64:
+    """DARE's random stream for input ``index`` at module ``path``: its own generator, so modules can be computed in
+    any order or block size. SFC64 seeded by SeedSequence([seed mod 2⁶⁴, first 8 bytes of sha256(path), index])."""
+    path_key = int.from_bytes(hashlib.sha256(path.encode()).digest()[:8], "little")
+    return np.random.SFC64(np.random.SeedSequence([seed % 2**64, path_key, index]))
+
+
+def _dare_prune(delta: torch.Tensor, density: float, stream: np.random.SFC64) -> None:
+    """DARE's drop (Yu et al. 2024) in place: keep each entry with probability ``density``; the caller rescales the
+    kept ones by 1/density, so that the expected delta is unchanged. Entry j (row-major) draws the j-th 32-bit half
+    of the stream's 64-bit words, read as a signed int32 u: kept iff u < −2³¹ + round(density·2³²)."""
+    words = stream.random_raw((delta.numel() + 1) // 2)
+    draws = words.view(np.int32)[:delta.numel()].reshape(delta.shape)
+    np.multiply(delta.numpy(), draws < -(2**31) + round(density * 2**32), out=delta.numpy())
 
 
 def _lora_adapter(adapters: list[Adapter], merged: dict[str, Term], dtype: torch.dtype) -> Adapter:
