@@ -59,11 +59,12 @@ def parse_option(text: str) -> tuple[str, Any]:
               help="Load the base with bitsandbytes (QLoRA style) or in full precision.")
 @click.option("--device", default=None, callback=parse_device, help=DEVICE_HELP)
 @click.option("--method", default="lora", show_default=True,
-              help="lora, dora, loha, lokr, ia3, prompt_tuning, prefix_tuning, bottleneck, bitfit, ln_tuning.")
+              help="A trainable method of the method table (docs/methods.md): lora, dora, adalora, denselora, "
+                   "loha, lokr, ia3, prompt_tuning, prefix_tuning, bottleneck, bitfit, ln_tuning.")
 @click.option("--rank", type=int, default=None, help="Rank of the low-rank methods.")
 @click.option("--alpha", type=float, default=None, help="Scaling numerator of the low-rank methods.")
 @click.option("--targets", default=None, help="Comma-separated module names (default: the method's).")
-@click.option("--steps", type=int, default=None, help="Optimizer steps.")
+@click.option("--steps", type=int, default=None, help="Optimizer steps (default: the method's).")
 @click.option("--batch-size", type=int, default=None)
 @click.option("--grad-accum", type=int, default=None, help="Micro-batches per optimizer step.")
 @click.option("--lr", type=float, default=None, help="Peak learning rate (default: the method's).")

@@ -540,6 +540,7 @@ class Hub:
         Everything checkable (recipe, data) is checked before the model loads. Raises InvalidArtifact when the
         loss becomes NaN (nothing is registered)."""
         from hub.evaluate import evaluate
+        from hub.methods.loftq import derived_base
         from hub.runtime import attach, load_tokenizer
         from hub.train import Recipe
         from hub.train import train as run_training
@@ -567,8 +568,10 @@ class Hub:
                 handle.detach()
             dataset = eval_task or Path(eval_data or "").name
             metrics = [Metric(key=k, value=v, dataset=dataset, split="test") for k, v in scores.as_metrics().items()]
-        registered = self.register(result.adapter, name=name, base=os.fspath(path), metrics=metrics, tags=tags,
-                                   description=description, recipe=result.recipe.to_dict())
+        # LoftQ trains on a base it derived from this one (hub.methods.loftq): the version belongs to that base.
+        trained_on = derived_base(loaded.model) or path
+        registered = self.register(result.adapter, name=name, base=os.fspath(trained_on), metrics=metrics,
+                                   tags=tags, description=description, recipe=result.recipe.to_dict())
         return Trained(registered=registered, losses=result.losses, seconds=result.seconds, metrics=metrics)
 
     def evaluate(self, refs: Sequence[str], *, task: str | None = None, data: str | None = None, count: int = 50,

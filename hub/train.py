@@ -43,45 +43,50 @@ class Recipe:
     use_dora, ``loha``...). ``rank``/``alpha`` apply to the low-rank methods (rank None: the method's default, which
     modules too small to hold it lower); ``options`` holds the method's other ``new_adapter`` arguments
     (``use_rslora``, ``dropout``, ``num_virtual_tokens``, ``bottleneck_size``, ``feedforward``, ...).
-    ``lr`` None takes the method's default (``Method.default_lr``); the recorded recipe holds the value used.
+    ``lr``, ``steps`` and ``warmup`` None take the method's defaults (``Method.default_lr``, ``default_steps``,
+    ``default_warmup``); the recorded recipe holds the values used.
     """
 
     method: str = "lora"
     rank: int | None = None
     alpha: float = 16.0
     targets: tuple[str, ...] | None = None
-    # The defaults teach SmolLM2-135M each built-in task (exact match >= 0.9) in about a minute on one CPU core.
-    steps: int = 12
+    # The methods' defaults teach SmolLM2-135M-nf4 the date task (exact match >= 0.9; bench/bench_train_tasks.py),
+    # LoRA's each built-in task in about a minute on one CPU core.
+    steps: int | None = None
     batch_size: int = 8
     grad_accum: int = 1
     lr: float | None = None
     weight_decay: float = 0.0
-    warmup: int = 2
+    warmup: int | None = None
     max_grad_norm: float | None = 1.0
     seed: int = 0
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         method, implied = trainer(self.method)
+        # Frozen: normalize through object.__setattr__ (defaults filled in, lists from JSON become tuples).
+        for name, default in (("steps", method.default_steps), ("warmup", method.default_warmup),
+                              ("lr", method.default_lr)):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
         for name in ("steps", "batch_size", "grad_accum"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise InvalidArtifact(f"recipe {name} must be a positive integer, not {getattr(self, name)!r}")
-        if self.warmup < 0:
-            raise InvalidArtifact(f"recipe warmup must not be negative, not {self.warmup}")
+        if not isinstance(self.warmup, int) or self.warmup < 0:
+            raise InvalidArtifact(f"recipe warmup must be a non-negative integer, not {self.warmup!r}")
         if isinstance(self.targets, str):
             raise InvalidArtifact(f"recipe targets must be a list of module names, not the string {self.targets!r}")
-        # Frozen: normalize through object.__setattr__ (lists from JSON become tuples, lr gets its default).
         if self.targets is not None:
             object.__setattr__(self, "targets", tuple(self.targets))
-        if self.lr is None:
-            object.__setattr__(self, "lr", method.default_lr)
         object.__setattr__(self, "options", dict(self.options))
-        accepted = set(method.option_names()) - {"tokenizer", "seed", *LOW_RANK, "targets", *implied}
+        accepted = set(method.option_names()) - {"tokenizer", "seed", "steps", *LOW_RANK, "targets", *implied}
         unknown = sorted(set(self.options) - accepted)
         if unknown:
             raise InvalidArtifact(
                 f"unknown {self.method} option {', '.join(unknown)} (known: {', '.join(sorted(accepted)) or 'none'})"
             )
+        method.check_options(self.options)
         try:
             json.dumps(self.to_dict(), allow_nan=False)
         except (TypeError, ValueError) as exc:
@@ -118,6 +123,8 @@ def new_adapter(model: nn.Module, recipe: Recipe, *, tokenizer: Any = None) -> A
     kwargs: dict[str, Any] = {**recipe.options, **implied}
     if "seed" in takes:
         kwargs["seed"] = recipe.seed
+    if "steps" in takes:  # a method that schedules over the run (AdaLoRA's total_step)
+        kwargs["steps"] = recipe.steps
     if "tokenizer" in takes:
         kwargs["tokenizer"] = tokenizer
     if recipe.targets is not None:
@@ -141,7 +148,10 @@ def train(
 
     Each optimizer step sees ``batch_size × grad_accum`` examples (shuffled epochs, from ``recipe.seed``) and
     averages the loss over all their completion tokens, so accumulation changes memory, not the result. The model
-    is left as it was: the adapter is detached afterwards and the model's train/eval mode restored.
+    is left as it was: the adapter is detached afterwards and the model's train/eval mode restored (except under
+    LoftQ, ``init_lora_weights="loftq"``, which rewrites the targeted base layers: ``hub.methods.loftq``).
+    The method's ``training_loss`` joins each step's loss (not the recorded ``losses``) and its ``after_step`` runs
+    after each optimizer step (AdaLoRA's orthogonal regularizer and rank allocator).
 
     ``model``: any causal LM (hub-loaded or loaded by the caller with transformers: fp32/bf16/fp16, bitsandbytes
     nf4/int8, a ``device_map`` placement). ``device``: move the model there first (None: train where it is).
@@ -155,6 +165,7 @@ def train(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = place(model, device)
     started = time.perf_counter()
+    method = trainer(recipe.method)[0]
     handle = attach(model, new_adapter(model, recipe, tokenizer=tokenizer))
     was_training = model.training
     # Dropout draws from torch's global generator: seed a private copy of it so runs repeat and callers' random
@@ -169,7 +180,7 @@ def train(
             losses: list[float] = []
             model.train()
             bar = tqdm(range(recipe.steps), desc=f"train {recipe.method}", unit="step", disable=not progress)
-            for _ in bar:
+            for step in bar:
                 micro = [collate(next(batches), pad_id=pad, left=True) for _ in range(recipe.grad_accum)]
                 scored = sum(int((labels[:, 1:] != -100).sum()) for _, labels, _ in micro)
                 step_loss = 0.0
@@ -177,10 +188,14 @@ def train(
                     loss = completion_loss(model, ids.to(device), labels.to(device), mask.to(device)) / scored
                     loss.backward()
                     step_loss += loss.item()
+                extra = method.training_loss(handle)
+                if extra is not None:
+                    extra.backward()
                 if recipe.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
                 optimizer.step()
                 schedule.step()
+                method.after_step(handle, step + 1)
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(step_loss)
                 bar.set_postfix(loss=f"{step_loss:.3f}")

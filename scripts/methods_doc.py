@@ -15,7 +15,7 @@ HEADER = """# Adaptation methods
 
 Generated from the method table (`hub/methods/table.py`) by `scripts/methods_doc.py`; do not edit by hand.
 
-Every adapter type PEFT 0.21.2 defines is in the table, plus the hub's own BITFIT and BOTTLENECK
+Every adapter type PEFT 0.21.2 defines is in the table, plus the hub's own BITFIT, BOTTLENECK and DENSELORA
 (docs/formats.md). Whatever the type, an adapter folder PEFT can load is registered, digested, listed, pushed,
 pulled and exported byte for byte. The columns say what else the hub does with it:
 

@@ -46,7 +46,7 @@ NOT_INSTANTIABLE = {"XLORA"}
 def test_the_table_knows_every_peft_type() -> None:
     assert {t.value for t in PEFT_TYPE_TO_CONFIG_MAPPING} <= set(peft_types())
     # The hub's own formats (docs/formats.md): PEFT has no such types, so there is no PEFT oracle for them here.
-    assert set(peft_types()) - {t.value for t in PEFT_TYPE_TO_CONFIG_MAPPING} == {"BITFIT", "BOTTLENECK"}
+    assert set(peft_types()) - {t.value for t in PEFT_TYPE_TO_CONFIG_MAPPING} == {"BITFIT", "BOTTLENECK", "DENSELORA"}
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from hub.errors import Incompatible, InvalidArtifact
 from hub.evaluate import evaluate
 from hub.fingerprint import fingerprint
 from hub.formats import adapter_digest, read_adapter, write_adapter
+from hub.methods.table import trainable_names, trainer
 from hub.runtime import attach, load_base
 from hub.sites import base_weight, sites
 from hub.train import Recipe, completion_loss, new_adapter, train
@@ -52,6 +53,7 @@ RECIPES = {
     "bottleneck": tiny_recipe("bottleneck", lr=1e-2, options={"bottleneck_size": 8, "placement": "houlsby"}),
     "bitfit": tiny_recipe("bitfit", lr=3e-2),
     "ln_tuning": tiny_recipe("ln_tuning", lr=0.1),
+    "denselora": tiny_recipe("denselora", rank=4, lr=2e-2),
 }
 PEFT_KNOWS = ["lora", "rslora", "dora", "loha", "lokr", "lokr_whole", "ia3", "prompt_tuning", "prefix_tuning",
               "ln_tuning"]
@@ -281,11 +283,12 @@ def test_recipes_are_complete_json_and_come_back() -> None:
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"method": "adalora"}, "cannot train method 'adalora'"),
+        ({"method": "vera"}, "cannot train method 'vera'"),
         ({"options": {"alpha_pattern": {}}}, "unknown lora option alpha_pattern"),
         ({"options": {"dropout": float("nan")}}, "not JSON-serialisable"),
         ({"options": {"dropout": object()}}, "not JSON-serialisable"),
         ({"batch_size": 0}, "batch_size must be a positive integer"),
+        ({"warmup": -1}, "warmup must be a non-negative integer"),
         ({"targets": "q_proj"}, "not the string 'q_proj'"),
     ],
 )
@@ -294,6 +297,19 @@ def test_bad_recipes_are_refused(changes: dict[str, Any], message: str) -> None:
         Recipe(**changes)
     with pytest.raises(InvalidArtifact, match="unknown recipe field"):
         Recipe.from_dict({"method": "lora", "epochs": 3})
+
+
+@pytest.mark.parametrize("name", trainable_names())
+def test_a_recipe_takes_its_methods_defaults_and_records_the_values_used(name: str) -> None:
+    # What `hub train NAME --method M` trains with when no --steps/--lr is given (chosen per method by
+    # bench/bench_train_tasks.py --methods all) and what the registry records with the version.
+    method, _ = trainer(name)
+    recipe = Recipe.from_dict({"method": name})
+    used = {"steps": method.default_steps, "lr": method.default_lr, "warmup": method.default_warmup}
+    assert {key: recipe.to_dict()[key] for key in used} == used
+    assert Recipe.from_dict(json.loads(json.dumps(recipe.to_dict()))) == recipe
+    given = {"steps": 3, "lr": 1e-3, "warmup": 0}
+    assert {key: Recipe(method=name, **given).to_dict()[key] for key in given} == given
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -70,7 +70,7 @@ def test_train_on_a_task_with_another_method_on_nf4(hub_home: Path, tiny_base: P
         (["--steps", "2"], 2, "give exactly one of --data and --task"),
         (["--task", "date", "--data", "x.jsonl"], 2, "give exactly one of --data and --task"),
         (["--task", "date", "--option", "oops"], 2, "'oops' is not KEY=VALUE"),
-        (["--task", "date", "--method", "adalora"], 1, "error: cannot train method 'adalora'"),
+        (["--task", "date", "--method", "vera"], 1, "error: cannot train method 'vera'"),
         (["--task", "date", "--option", "nope=1"], 1, "error: unknown lora option nope"),
         (["--task", "nope"], 1, "error: unknown task 'nope'"),
         (["--task", "date", "--targets", "qq_proj"], 1, "error: LoRA: LlamaForCausalLM has no module named qq_proj"),
@@ -95,3 +95,10 @@ def test_bad_data_and_bases_are_one_line(hub_home: Path, tiny_base: Path, tmp_pa
     result = run("demo", "--task", "date", "--base", str(tmp_path / "missing"), *FAST)
     assert result.exit_code == 1 and "error: no model folder or file at" in result.output
     assert not Hub().list()
+
+
+def test_help_names_every_trainable_method() -> None:
+    from hub.methods.table import trainable_names
+
+    shown = " ".join(CliRunner().invoke(train, ["--help"], terminal_width=1000).output.split())
+    assert [name for name in trainable_names() if name not in shown] == []

@@ -7,7 +7,8 @@ A method owns everything the hub knows about its adapters:
   (``label``, ``variants``, ``rank``, ``alpha``), and what the adapter needs of a base (``needs``: shapes);
 * running: ``attach`` (build the deltas and put them on a model), ``merge_terms`` (the exact factor pairs of its
   deltas, for weighted sums) or ``weighted_sum`` (for methods that sum their own tensors);
-* making: ``new_adapter`` (a fresh adapter initialized as PEFT does) and ``default_lr`` (the training recipe).
+* making: ``new_adapter`` (a fresh adapter initialized as PEFT does) and ``default_lr``/``default_steps``/
+  ``default_warmup`` (the training recipe), ``training_loss``/``after_step`` (hooks into the training loop).
 
 A method the hub stores but cannot run (most of PEFT's 45 types) is a ``Method`` with the defaults below: its
 adapters are registered, listed, pushed, pulled and exported as they are; ``attach`` says so in one line. Nothing
@@ -142,10 +143,13 @@ class Method:
     peft_loadable: ClassVar[bool] = True  # False for the hub's own formats (docs/formats.md): PEFT cannot load them
     # Why the update is not an added ΔW (``delta_refusal``), for a method that is not low-rank.
     not_additive: ClassVar[str] = ""
-    # Training: recipe names (``hub train --method``) → the new_adapter options each implies, and the peak
-    # learning rate that trains it (bench/bench_train_tasks.py).
+    # Training: recipe names (``hub train --method``) → the new_adapter options each implies, and the default
+    # recipe (peak learning rate, optimizer steps, warm-up steps) that teaches SmolLM2-135M-nf4 the built-in date
+    # task (bench/bench_train_tasks.py).
     recipes: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
     default_lr: ClassVar[float | None] = None
+    default_steps: ClassVar[int] = 12
+    default_warmup: ClassVar[int] = 2
     notes: ClassVar[str] = ""
 
     def __init__(self, peft_type: str | None = None, name: str | None = None, notes: str | None = None):
@@ -291,3 +295,14 @@ class Method:
     def option_names(self) -> list[str]:
         """The keyword options ``new_adapter`` takes (a recipe's ``options`` are checked against them)."""
         return [] if self.make is None else [p for p in inspect.signature(self.make).parameters if p != "model"]
+
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        """Refuse a bad ``new_adapter`` option value in one line before any model loads (a recipe calls it)."""
+
+    # Training hooks (``hub.train``), for methods whose training is more than the loss on their tensors (AdaLoRA).
+    def training_loss(self, handle: Handle) -> torch.Tensor | None:
+        """A term added to each optimizer step's loss (a regularizer on the adapter's tensors), or None."""
+        return None
+
+    def after_step(self, handle: Handle, step: int) -> None:
+        """Called after optimizer step ``step`` (counted from 1), before the gradients are cleared."""

@@ -26,6 +26,8 @@ from hub.methods._fresh import base_config, kaiming_uniform
 from hub.methods._site import SiteMethod
 from hub.methods.base import PEFT_DEFAULT_ALPHA, Need, Term, linear_need, refuse_sum
 from hub.methods.config import Bool, Either, Int, Number, Pattern, Text
+from hub.methods.loftq import LoftQConfig
+from hub.methods.loftq import initialise as loftq_initialise
 from hub.sites import (
     AdditiveDelta,
     BaseView,
@@ -248,15 +250,26 @@ def new_adapter(
     use_rslora: bool = False,
     dropout: float = 0.0,
     seed: int = 0,
+    init_lora_weights: bool | str = True,
+    loftq_config: Mapping[str, Any] | None = None,
 ) -> Adapter:
     """A fresh LoRA (rsLoRA, DoRA) for ``model``, initialized as PEFT does: A Kaiming-uniform and B zero at linear
     layers, A zero and B standard normal at embeddings, so it starts as a no-op; DoRA's magnitude is the row norm of
     the base weight (read through bitsandbytes' own dequantization on a quantized base).
 
+    ``init_lora_weights="loftq"`` (with PEFT's ``loftq_config``, ``{"loftq_bits": 4, "loftq_iter": 1}`` by
+    default) initializes A and B by LoftQ instead (``hub.methods.loftq``, Li et al. 2023) on an nf4 (4 bits) or
+    int8 (8 bits) base: it rewrites the targeted base layers in place and writes the derived base they now hold;
+    the adapter's config names that folder (``base_model_name_or_path``) and says ``init_lora_weights: true``,
+    as PEFT's LoftQ example saves it, so loading it does not run LoftQ again.
+
     ``rank`` None: ``DEFAULT_RANK``, lowered (``rank_pattern``) at modules too small to hold it; an explicit rank
     a module cannot hold (above min(in, out)) is refused. ``targets`` None: those of ``DEFAULT_TARGETS`` the model
     has. Raises InvalidArtifact, Incompatible.
     """
+    loftq = check_init(init_lora_weights, loftq_config)
+    if loftq is not None and use_dora:
+        raise Incompatible("init_lora_weights='loftq' does not apply to DoRA (use_dora)")
     explicit = rank is not None
     rank = DEFAULT_RANK if rank is None else rank
     if rank < 1:
@@ -271,6 +284,8 @@ def new_adapter(
         if isinstance(module, nn.Embedding):
             if use_dora:
                 raise Incompatible(f"DoRA on the embedding {path} is not supported by the hub runtime")
+            if loftq is not None:
+                raise Incompatible(f"init_lora_weights='loftq' applies to linear layers, not the embedding {path}")
             tensors[f"{prefix}.lora_embedding_A"] = torch.zeros(rank, module.num_embeddings)
             tensors[f"{prefix}.lora_embedding_B"] = torch.randn(module.embedding_dim, rank, generator=generator)
             continue
@@ -299,7 +314,29 @@ def new_adapter(
         lora_dropout=dropout, bias="none", use_rslora=use_rslora, use_dora=use_dora, fan_in_fan_out=conv1d,
         init_lora_weights=True, rank_pattern=pattern, alpha_pattern=alphas,
     )
+    if loftq is not None:
+        layers = {}
+        for path, module in chosen.items():
+            held = tensors[f"{KEY_PREFIX}{path}.lora_A.weight"].shape[0]
+            layers[path] = (module, held, scaling(config, path, held))
+        fitted, derived = loftq_initialise(model, layers, loftq)
+        for path, factors in fitted.items():
+            tensors[f"{KEY_PREFIX}{path}.lora_A.weight"] = factors.a.cpu()
+            tensors[f"{KEY_PREFIX}{path}.lora_B.weight"] = factors.b.cpu()
+        config["base_model_name_or_path"] = str(derived)
     return Adapter(config=config, tensors=tensors)
+
+
+def check_init(init_lora_weights: Any, loftq_config: Any) -> LoftQConfig | None:
+    """The LoftQ config when ``init_lora_weights`` is ``"loftq"``, None for PEFT's default (True); refuses other
+    values, and a ``loftq_config`` without LoftQ, in one line (InvalidArtifact)."""
+    if init_lora_weights == "loftq":
+        return LoftQConfig.parse(loftq_config)
+    if init_lora_weights is not True:
+        raise InvalidArtifact(f"init_lora_weights must be true or 'loftq' for a new LoRA, not {init_lora_weights!r}")
+    if loftq_config:
+        raise InvalidArtifact("loftq_config is given but init_lora_weights is not 'loftq'")
+    return None
 
 
 class Lora(SiteMethod):
@@ -322,6 +359,9 @@ class Lora(SiteMethod):
     default_lr = 5e-3
     make = staticmethod(new_adapter)
     notes = "rsLoRA, DoRA, lora_bias, rank/alpha patterns, embeddings; " + ", ".join(sorted(VARIANTS)) + " stored only"
+
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        check_init(options.get("init_lora_weights", True), options.get("loftq_config"))
 
     def label(self, config: Mapping[str, Any]) -> str:
         return "dora" if config.get("use_dora") is True else "lora"

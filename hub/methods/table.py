@@ -25,8 +25,8 @@ log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "adapter_hub.methods"
 
-# PEFT type → the module holding its Method object (``METHOD``). BITFIT and BOTTLENECK are the hub's own formats
-# (docs/formats.md).
+# PEFT type → the module holding its Method object (``METHOD``). BITFIT, BOTTLENECK and DENSELORA are the hub's own
+# formats (docs/formats.md).
 RUNNABLE: dict[str, str] = {
     "LORA": "hub.methods.lora",
     "ADALORA": "hub.methods.adalora",
@@ -41,6 +41,7 @@ RUNNABLE: dict[str, str] = {
     "PREFIX_TUNING": "hub.methods.prefix_tuning",
     "BITFIT": "hub.methods.bitfit",
     "BOTTLENECK": "hub.methods.bottleneck",
+    "DENSELORA": "hub.methods.denselora",
 }
 
 # The rest of PEFT 0.21.2's types (PEFT_TYPE_TO_CONFIG_MAPPING), with what each is, for docs/methods.md.
