@@ -1,9 +1,12 @@
 """Acceptance: a gated mixture of task experts on the real SmolLM2-135M-Instruct, nf4.
 
-Three LoRA experts, each trained on one built-in task (``task_experts``), are combined four ways and scored by exact
-match on a mixed test set: each expert alone, weighted sums (exact, svd, ties), the mixture (its gate fitted on a
-mixed train set, base and experts frozen), and the oracle (each task answered by its own expert). The mixture
-must reach 90% of the oracle, weight each expert most on its own task's tokens, and survive save and reload.
+Three LoRA experts, each trained on one built-in task (``task_experts``), are scored by exact match on a mixed test
+set of 30 examples per task: the oracle (each task answered by its own expert) and the mixture, routing per
+sequence, its gate fitted with ``Mixture.fit``'s defaults on 50 distinct examples per task (base and experts
+frozen). The mixture must reach 95% of the oracle (the user-facing promise: a gate from little data), weight each
+expert most on its own task's tokens, and survive save and reload. How the settings were chosen, over seeds:
+bench/bench_mixture.py --fit.
+Weighted sums of the same experts are in the README's table (scripts/demo.py).
 """
 
 from __future__ import annotations
@@ -19,9 +22,8 @@ from hub.runtime import attach
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
-TEST_PER_TASK = 10
-TRAIN_PER_TASK = 300  # distinct examples, each seen about once: a small set repeated, the gate overfits it
-FIT_STEPS = 40
+TEST_PER_TASK = 30
+TRAIN_PER_TASK = 50
 
 
 @pytest.fixture(scope="module")
@@ -44,22 +46,23 @@ def exact_match(nf4, test_sets, handle) -> dict[str, float]:
     return {**scores, "mixed": sum(scores.values()) / len(scores)}
 
 
-def test_mixture_routes_tasks_to_their_experts_near_the_oracle_on_nf4(nf4, task_experts, test_sets, tmp_path):
+def test_a_gate_fitted_on_50_examples_per_task_reaches_the_oracle_on_nf4(nf4, task_experts, test_sets, tmp_path):
     names = list(tasks.TASKS)
     experts = [task_experts[name] for name in names]
-    rows: dict[str, dict[str, float]] = {}
+    rows: dict[str, dict[str, float]] = {"oracle": {}}
     for name, expert in zip(names, experts, strict=True):
-        rows[f"{name} expert"] = exact_match(nf4, test_sets, attach(nf4.model, expert, name=name))
-    rows["oracle"] = {name: rows[f"{name} expert"][name] for name in names}
+        handle = attach(nf4.model, expert, name=name)
+        try:
+            rows["oracle"][name] = evaluate(nf4.model, nf4.tokenizer, test_sets[name], progress=False).exact_match
+        finally:
+            handle.detach()
     rows["oracle"]["mixed"] = sum(rows["oracle"].values()) / len(names)
-    for label, options in (("sum exact", {}), ("sum svd r8", {"strategy": "svd", "rank": 8}),
-                           ("sum ties d0.5", {"strategy": "ties", "density": 0.5})):
-        merged = compose(experts, [1 / len(experts)] * len(experts), **options)
-        rows[label] = exact_match(nf4, test_sets, merged.attach(nf4.model))
 
-    mixture = compose(experts, kind="mixture", router=RouterConfig())
+    # One gate per sequence, from its prompt: per-token gates fitted on so few examples switch to another task's
+    # expert on tokens that look like its (a record's age, a date's digits).
+    mixture = compose(experts, kind="mixture", router=RouterConfig(routing="sequence"))
     train = [example for _, example in tasks.mixed("train", TRAIN_PER_TASK)]
-    fit = mixture.fit(nf4.model, nf4.tokenizer, train, steps=FIT_STEPS, progress=False)
+    fit = mixture.fit(nf4.model, nf4.tokenizer, train, progress=False)
     assert fit.losses[-1] < fit.losses[0]
 
     # Routing: each expert carries more of the gate weight on its own task's prompts and answers than on any other
@@ -84,18 +87,29 @@ def test_mixture_routes_tasks_to_their_experts_near_the_oracle_on_nf4(nf4, task_
             name, shares.tolist())
     rows["mixture"] = exact_match(nf4, test_sets, mixture.attach(nf4.model))
 
-    # Saved and reloaded through the registry: every gate tensor, the same answers.
+    # Saved and reloaded through the registry: every gate tensor, the same outputs.
     hub = Hub(home=tmp_path / "hub")
     version = mixture.register(hub, name="tasks-mixture", base=nf4.fingerprint).version
-    assert set(hub.load(version.ref).tensors) == set(mixture.to_adapter().tensors)
-    rows["mixture reloaded"] = exact_match(nf4, test_sets, activate(nf4.model, version.ref, hub=hub))
+    reloaded = hub.load(version.ref).tensors
+    assert set(reloaded) == set(mixture.to_adapter().tensors)
+    assert all(torch.equal(reloaded[key], tensor) for key, tensor in mixture.to_adapter().tensors.items())
+    ids = nf4.tokenizer([test_sets[name][0].prompt for name in names], return_tensors="pt", padding=True)
+    outputs = []
+    for handle in (mixture.attach(nf4.model), activate(nf4.model, version.ref, hub=hub)):
+        try:
+            with torch.no_grad():
+                outputs.append(nf4.model(**ids).logits)
+        finally:
+            handle.detach()
+    assert torch.equal(outputs[0], outputs[1])
 
     print(f"\nexact match on nf4 SmolLM2-135M, {TEST_PER_TASK} test examples per task "
-          f"(gate fitted on {len(train)} examples, {FIT_STEPS} steps; loss {fit.losses[0]:.2f} → {fit.losses[-1]:.2f})")
+          f"(gate fitted on {len(train)} examples: {mixture.fitted}; loss {fit.losses[0]:.2f} → {fit.losses[-1]:.2f})")
     print(f"{'':18s}" + "".join(f"{column:>9s}" for column in [*names, "mixed"]))
     for label, row in rows.items():
         print(f"{label:18s}" + "".join(f"{row[column]:9.2f}" for column in [*names, "mixed"]))
     print("gate weight per expert (columns) on each task's tokens (rows): "
           + "; ".join(f"{name} {[round(x, 2) for x in row]}" for name, row in zip(names, shares.tolist(), strict=True)))
-    assert rows["mixture reloaded"] == rows["mixture"]
-    assert rows["mixture"]["mixed"] >= 0.9 * rows["oracle"]["mixed"], rows
+    # bench_mixture.py --fit, three samples of 50 per task: 0.977 to 1.00 of the oracle (per-token gates: 0.953
+    # to 0.977), so 0.95 holds with a margin of two answers out of 90 at the worst seed.
+    assert rows["mixture"]["mixed"] >= 0.95 * rows["oracle"]["mixed"], rows

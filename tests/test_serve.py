@@ -220,6 +220,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> dict[st
     get_peft_model(LlamaForCausalLM.from_pretrained(other), LoraConfig(r=4, target_modules=["q_proj"])
                    ).save_pretrained(root / "foreign")
     hub.register(root / "foreign", name="foreign", base=other)
+    sequence = hub.compose(names[:3], kind="mixture", router={"routing": "sequence"})
+    sequence.bind(LlamaForCausalLM.from_pretrained(base))
+    sequence.register(hub, name="mix-seq")
     loaded = load_base(base, quantize=None, device="cpu")
     return {"root": root, "base": base, "hub": hub, "names": names, "model": loaded.model,
             "tokenizer": loaded.tokenizer}
@@ -345,6 +348,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(server: ServerThread
     ({"model": "a0", "prompt": "hello " * 120, "max_tokens": 20}, 400, "maximum context length"),
     ({"model": "a0", "prompt": [5, 999]}, 400, "token ids"),
     ({"model": "tiny", "prompt": "hi", "adapters": [{"model": "mix", "weight": 1}]}, 400, "mixture"),
+    ({"model": "mix-seq", "prompt": "hi"}, 400, "routes per sequence; the server gates per token"),
     ({"model": "a0", "prompt": "hi", "adapters": [{"model": "a1"}]}, 400, "must name the base"),
     ({"model": "a0@", "prompt": "hello"}, 400, ""),
     ({"prompt": "hello"}, 400, "model"),

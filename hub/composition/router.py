@@ -10,6 +10,15 @@ Two designs (``RouterConfig.kind``):
 
 Both start from zero logits (every expert weighted equally) and share the gate function: softmax over experts at
 ``temperature``, optionally keeping each token's ``top_k`` largest and renormalising them to sum to 1.
+
+``RouterConfig.routing`` says what the gate is computed for:
+
+* ``token`` (the default, X-LoRA's): every token its own gates, from its own hidden state;
+* ``sequence`` (task-level routing, Kudugunta et al., arXiv 2110.03742): one gate per sequence and layer, the mean
+  of the per-token logits over the prompt (for the linear layerwise gate: the gate of the prompt's mean normalised
+  hidden state), kept for every later token. The prompt is the first forward of a sequence (the one that starts
+  its KV cache; ``Mixture.fit`` marks the prompt tokens of its examples), so a gate learnt from a few examples per
+  task cannot switch expert mid-answer on a token that looks like another task's (digits in a date and a record).
 """
 
 from __future__ import annotations
@@ -28,8 +37,9 @@ from hub.formats.composition import ROUTER_KINDS, ROUTER_PREFIX, gate_shapes
 
 @dataclass(frozen=True)
 class RouterConfig:
-    """How a mixture's gate is built and applied. ``depth`` and ``width`` shape the two-pass classifier (an MLP
-    with ``depth`` linear layers, ``width`` wide between them); ``seed`` initializes its hidden layers."""
+    """How a mixture's gate is built and applied. ``routing``: ``token`` or ``sequence`` (see the module doc;
+    artifacts saved before it existed route per token). ``depth`` and ``width`` shape the two-pass classifier (an
+    MLP with ``depth`` linear layers, ``width`` wide between them); ``seed`` initializes its hidden layers."""
 
     kind: str = "layerwise"
     temperature: float = 1.0
@@ -37,6 +47,7 @@ class RouterConfig:
     depth: int = 1
     width: int = 256
     seed: int = 0
+    routing: str = "token"
 
     def check(self, experts: int) -> None:
         if self.kind not in ROUTER_KINDS:
@@ -48,11 +59,16 @@ class RouterConfig:
             raise Incompatible(f"top_k must be from 1 to the number of experts ({experts}), not {self.top_k!r}")
         if not _whole(self.depth) or self.depth < 1 or not _whole(self.width) or self.width < 1:
             raise Incompatible(f"router depth and width must be positive integers, not {self.depth!r}/{self.width!r}")
+        if self.routing not in ROUTINGS:
+            raise Incompatible(f"router routing must be one of {', '.join(ROUTINGS)}, not {self.routing!r}")
         if self.kind == "layerwise" and self.depth != 1:
             raise Incompatible("a layerwise router is one linear map per layer: depth must be 1")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+ROUTINGS = ("token", "sequence")
 
 
 def _whole(value: Any) -> bool:

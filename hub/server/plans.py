@@ -161,6 +161,9 @@ class Resolver:
             if mixture.router.kind != "layerwise":
                 raise InvalidRequest(f"{version.ref} has a {mixture.router.kind} router; the server runs layerwise "
                                      "mixtures (their gates need no second pass and no second KV cache)")
+            if mixture.router.routing != "token":
+                raise InvalidRequest(f"{version.ref} routes per {mixture.router.routing}; the server gates per token "
+                                     "(use it in Python: hub.activate)")
             gate = mixture.module.eval().requires_grad_(False)
             plan = MixturePlan(digest=version.digest, experts=tuple((m.digest, m.weight) for m in mixture.experts),
                                gate=gate, layers=tuple(mixture.layers), temperature=mixture.router.temperature,
