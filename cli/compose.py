@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from cli.output import print_json
@@ -11,20 +13,29 @@ from hub.client import Hub
 KINDS = ("sum", "stack", "mixture")
 
 
-def parse_weights(text: str | None) -> list[float] | None:
+def parse_weights(text: str | None, *, option: str = "--weights") -> list[float] | None:
     """``0.7,0.3`` → [0.7, 0.3]."""
     if text is None:
         return None
     try:
         return [float(part) for part in text.split(",")]
     except ValueError:
-        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers", param_hint="--weights") from None
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers", param_hint=option) from None
 
 
 @click.command()
 @click.argument("refs", nargs=-1, required=True)
 @click.option("--name", required=True, help="Register the result as a new version of NAME.")
 @click.option("--weights", default=None, help="One weight per REF, comma-separated (default: 1 each).")
+@click.option("--auto", is_flag=True,
+              help="sum: fit the weights on --fit-data first (LoraHub: CMA-ES over [-1.5, 1.5] + L1), then merge.")
+@click.option("--search", type=click.Choice(["cma", "gradient"]), default="cma", show_default=True,
+              help="--auto: CMA-ES (gradient-free) or Adam on the weights.")
+@click.option("--budget", type=click.IntRange(min=1), default=40, show_default=True,
+              help="--auto: loss evaluations (cma) or optimizer steps (gradient).")
+@click.option("--l1", type=click.FloatRange(min=0), default=0.05, show_default=True,
+              help="--auto: L1 penalty on the mean absolute weight.")
+@click.option("--bounds", default="-1.5,1.5", show_default=True, help="--auto: LOW,HIGH for every weight.")
 @click.option("--kind", type=click.Choice(KINDS), default="sum", show_default=True,
               help="sum: one merged adapter; stack: all active together; mixture: experts behind a trained gate.")
 @click.option("--strategy", default="exact", show_default=True,
@@ -39,23 +50,25 @@ def parse_weights(text: str | None) -> list[float] | None:
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="mixture: the gate's softmax.")
 @click.option("--fit-task", "fit_tasks", multiple=True, help="mixture: a built-in task to fit the gate on, repeatable.")
 @click.option("--fit-data", type=click.Path(dir_okay=False), default=None,
-              help="mixture: a JSONL file of prompt/completion pairs or chats to fit the gate on.")
+              help="mixture, --auto: a JSONL file of prompt/completion pairs or chats to fit the gate or weights on.")
 @click.option("--fit-examples", type=int, default=300, show_default=True,
               help="Distinct examples per --fit-task (the gate overfits a few repeated ones).")
-@click.option("--steps", type=int, default=100, show_default=True, help="mixture: gate training steps.")
-@click.option("--lr", type=float, default=1e-2, show_default=True, help="mixture: gate learning rate.")
+@click.option("--steps", type=int, default=40, show_default=True, help="mixture: gate training steps.")
+@click.option("--lr", type=float, default=None,
+              help="mixture: gate learning rate (default 0.01); --auto --search gradient: the weights' (0.1).")
 @click.option("--base", default=None,
-              help="mixture: base folder or Hub model id ORG/NAME[@REVISION] (default: the experts' base).")
+              help="mixture, --auto: base folder or Hub model id ORG/NAME[@REVISION] (default: the inputs' base).")
 @click.option("--quantize", type=click.Choice(["nf4", "int8", "none"]), default="nf4", show_default=True,
-              help="mixture: how the base is loaded to fit the gate.")
-@click.option("--device", default=None, callback=parse_device, help=f"mixture: {DEVICE_HELP}")
+              help="mixture, --auto: how the base is loaded to fit on.")
+@click.option("--device", default=None, callback=parse_device, help=f"mixture, --auto: {DEVICE_HELP}")
 @click.option("--allow-structural", is_flag=True, help=f"mixture: {STRUCTURAL_HELP}")
 @click.option("--tag", "tags", multiple=True, help="Tag, repeatable.")
 @click.option("--description", default=None)
 @click.option("--json", "as_json", is_flag=True, help="Print the new version as JSON.")
-def compose(refs: tuple[str, ...], name: str, weights: str | None, kind: str, strategy: str, rank: int | None,
+def compose(refs: tuple[str, ...], name: str, weights: str | None, auto: bool, search: str, budget: int, l1: float,
+            bounds: str, kind: str, strategy: str, rank: int | None,
             density: float | None, majority_sign: str, seed: int, router: str, top_k: int | None, temperature: float,
-            fit_tasks: tuple[str, ...], fit_data: str | None, fit_examples: int, steps: int, lr: float,
+            fit_tasks: tuple[str, ...], fit_data: str | None, fit_examples: int, steps: int, lr: float | None,
             base: str | None, quantize: str, device: str | None, allow_structural: bool, tags: tuple[str, ...],
             description: str | None, as_json: bool) -> None:
     """Compose REFS (NAME, NAME@3 or NAME@ALIAS) and register the result as NAME.
@@ -63,12 +76,20 @@ def compose(refs: tuple[str, ...], name: str, weights: str | None, kind: str, st
     \b
     hub compose math@2 code --weights 0.7,0.3 --strategy svd --rank 16 --name math-code
     hub compose date name record --kind mixture --fit-task date --fit-task name --fit-task record --name router
+    hub compose date name record --auto --fit-data few.jsonl --name few-shot
     """
+    if auto:
+        _compose_auto(list(refs), name=name, weights=weights, search=search, budget=budget, l1=l1, bounds=bounds,
+                      kind=kind, strategy=strategy, rank=rank, density=density, majority_sign=majority_sign,
+                      seed=seed, fit_tasks=fit_tasks, fit_data=fit_data, lr=lr, base=base, quantize=quantize,
+                      device=device, allow_structural=allow_structural, tags=tags, description=description,
+                      as_json=as_json)
+        return
     fitting = bool(fit_tasks or fit_data)
     if kind == "mixture" and not fitting:
         raise click.UsageError("a mixture's gate must be trained: pass --fit-task and/or --fit-data")
     if kind != "mixture" and fitting:
-        raise click.UsageError("--fit-task and --fit-data train a mixture's gate: use them with --kind mixture")
+        raise click.UsageError("--fit-task and --fit-data train a mixture's gate or (--fit-data) fit --auto weights")
     if kind != "mixture" and (device is not None or allow_structural):
         raise click.UsageError("--device and --allow-structural apply to fitting a mixture (--kind mixture)")
     hub = Hub()
@@ -80,7 +101,43 @@ def compose(refs: tuple[str, ...], name: str, weights: str | None, kind: str, st
     if kind == "mixture":
         hub.fit(result, tasks=fit_tasks, data=fit_data, per_task=fit_examples, base=base,
                 quantize=None if quantize == "none" else quantize, device=device, allow_structural=allow_structural,
-                steps=steps, lr=lr, seed=seed)
+                steps=steps, lr=1e-2 if lr is None else lr, seed=seed)
+    _register(hub, result, name=name, tags=tags, description=description, as_json=as_json)
+
+
+def _compose_auto(refs: list[str], *, name: str, weights: str | None, search: str, budget: int, l1: float,
+                  bounds: str, kind: str, strategy: str, rank: int | None, density: float | None, majority_sign: str,
+                  seed: int, fit_tasks: tuple[str, ...], fit_data: str | None, lr: float | None, base: str | None,
+                  quantize: str, device: str | None, allow_structural: bool, tags: tuple[str, ...],
+                  description: str | None, as_json: bool) -> None:
+    """``--auto``: the weights of a sum fitted on --fit-data, then the sum made and registered with them."""
+    if weights is not None:
+        raise click.UsageError("--auto fits the weights: not with --weights")
+    if kind != "sum":
+        raise click.UsageError("--auto fits the weights of a sum (--kind sum)")
+    if fit_data is None or fit_tasks:
+        raise click.UsageError("--auto fits the weights on a few examples: pass --fit-data FILE (not --fit-task)")
+    if allow_structural:
+        raise click.UsageError("--allow-structural applies to fitting a mixture (--kind mixture)")
+    low_high = parse_weights(bounds, option="--bounds")
+    if len(low_high) != 2:
+        raise click.BadParameter(f"{bounds!r} is not LOW,HIGH", param_hint="--bounds")
+    settings = {"method": search, "budget": budget, "l1": l1, "bounds": low_high, "seed": seed,
+                **({"lr": lr} if lr is not None else {})}
+    hub = Hub()
+    result = hub.compose(refs, "auto", strategy=strategy, rank=rank, density=density, majority_sign=majority_sign,
+                         seed=seed, data=fit_data, search=settings, base=base,
+                         quantize=None if quantize == "none" else quantize, device=device)
+    if not as_json:
+        found = result.search
+        click.echo(f"weights {', '.join(f'{w:.3f}' for w in found.weights)} ({search}, {found.evaluations} "
+                   f"evaluations on {found.examples} examples, loss {found.loss:.4f}, {found.seconds:.1f} s)",
+                   err=True)
+    _register(hub, result, name=name, tags=tags, description=description, as_json=as_json)
+
+
+def _register(hub: Hub, result: Any, *, name: str, tags: tuple[str, ...], description: str | None,
+              as_json: bool) -> None:
     registered = result.register(hub, name=name, tags=tags, description=description)
     version = registered.version
     if as_json:

@@ -21,6 +21,7 @@ import click
 from cli.compose import compose
 from cli.evaluate import evaluate_command
 from cli.output import print_json, print_table, version_rows
+from cli.rank import rank
 from cli.serve import serve
 from cli.train import train
 from cli.web import diff, search, ui
@@ -461,6 +462,7 @@ def fingerprint_(model: str, as_json: bool) -> None:
 cli.add_command(train)
 cli.add_command(evaluate_command)
 cli.add_command(compose)
+cli.add_command(rank)
 cli.add_command(ui)
 cli.add_command(search)
 cli.add_command(diff)

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from hub.diff import Diff
     from hub.export_vllm import VllmExport
     from hub.lifecycle import DeleteReport, GcReport
+    from hub.rank import Ranked
     from hub.registry import SchemaStatus
     from hub.registry.search import SearchHit
     from hub.remote import PullResult, PushResult
@@ -470,13 +471,17 @@ class Hub:
         return self.remote().pull_versions(repo_id, **options)
 
     # -- models ------------------------------------------------------------------------------------------------
-    def compose(self, inputs: Sequence[Any], weights: Sequence[float] | None = None, **options: Any) -> Any:
+    def compose(self, inputs: Sequence[Any], weights: Sequence[float] | str | None = None, **options: Any) -> Any:
         """A weighted sum, stack or gated mixture of registry references; see ``hub.composition.compose``.
-        ``router`` may be a RouterConfig or its fields."""
+        ``router`` may be a RouterConfig or its fields; ``search`` (for ``weights="auto"``) a SearchConfig, its
+        method or its fields."""
         from hub.composition import RouterConfig, compose
+        from hub.composition.auto import SearchConfig
 
         if isinstance(options.get("router"), Mapping):
             options["router"] = RouterConfig(**options["router"])
+        if isinstance(options.get("search"), Mapping):
+            options["search"] = SearchConfig(**options["search"])
         return compose(inputs, weights, hub=self, **options)
 
     def activate(self, model: Any, source: Any, *, name: str | None = None, allow_structural: bool = False) -> Any:
@@ -485,10 +490,35 @@ class Hub:
 
         return activate(model, source, hub=self, name=name, allow_structural=allow_structural)
 
+    def rank(self, examples: Sequence[Example] = (), *, base: str | os.PathLike[str] | Any,
+             data: str | os.PathLike[str] | None = None, candidates: Sequence[str] | None = None,
+             query: Query | None = None, quantize: str | None = "nf4", device: str | None = None,
+             generate: bool = True, allow_structural: bool = False) -> list[Ranked]:
+        """Score ``candidates`` (default: every version ``compatible`` lists for ``base``, filtered by ``query``)
+        on ``examples`` plus a JSONL file ``data``, on ``base`` loaded once (a folder, a Hub id or a loaded
+        ``hub.runtime.Base``), best first; see ``hub.rank``. Unknown refs and refs for another base fail before the
+        model loads. Raises NotFound, Incompatible, InvalidArtifact (no examples, a malformed file)."""
+        from hub.rank import find_candidates, rank
+        from hub.runtime import Base, load_tokenizer
+
+        loaded = base if isinstance(base, Base) else None
+        path = loaded.path if loaded is not None else resolve_base(base)
+        tokenizer = loaded.tokenizer if loaded is not None else load_tokenizer(path)
+        if tokenizer is None:
+            raise NotFound(f"the base at {path} has no tokenizer")
+        examples = [*examples, *(self.examples(data=data, tokenizer=tokenizer) if data is not None else ())]
+        if not examples:
+            raise InvalidArtifact("no examples to rank the adapters on: give examples or a data file")
+        fingerprint = loaded.fingerprint if loaded is not None else self.fingerprint(path)
+        chosen = find_candidates(self, fingerprint, candidates, query or Query())
+        loaded = loaded or self.load_base(path, quantize=quantize, device=device)
+        return rank(loaded.model, loaded.tokenizer, examples, chosen, hub=self, generate=generate,
+                    allow_structural=allow_structural)
+
     def fit(self, mixture: Any, *, examples: Sequence[Example] = (), tasks: Iterable[str] = (),
             data: str | os.PathLike[str] | None = None, per_task: int = 300, base: str | None = None,
             quantize: str | None = "nf4", device: str | None = None, allow_structural: bool = False,
-            steps: int = 100, lr: float = 1e-2, seed: int = 0, progress: bool = True) -> Any:
+            steps: int = 40, lr: float = 1e-2, seed: int = 0, progress: bool = True) -> Any:
         """Train a mixture's gate on its experts' base (or ``base``), loaded once, on ``examples`` plus
         ``per_task`` distinct training examples of each built-in task in ``tasks`` plus a JSONL file ``data``.
         Raises HubError when no base is known or no examples are given."""

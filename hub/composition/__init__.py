@@ -3,9 +3,11 @@
 
 >>> from hub import compose
 >>> merged = compose(["math@2", "code"], weights=[0.7, 0.3])
+>>> learned = compose(["math@2", "code", "chat"], weights="auto", examples=few)  # LoraHub-style search
 """
 
 from hub.composition.api import Active, Composition, activate, compose
+from hub.composition.auto import SearchConfig
 from hub.composition.members import Member
 from hub.composition.mixture import FitResult, Mixture, MixtureHandle
 from hub.composition.router import RouterConfig
@@ -20,6 +22,7 @@ __all__ = [
     "Mixture",
     "MixtureHandle",
     "RouterConfig",
+    "SearchConfig",
     "Stack",
     "WeightedSum",
     "activate",

@@ -3,9 +3,11 @@ registered version (plain adapter, merged adapter, stack or mixture) or composit
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from hub.composition.auto import SearchConfig, fit_weights
 from hub.composition.members import Input, default_hub, resolve
 from hub.composition.mixture import Mixture
 from hub.composition.router import RouterConfig
@@ -18,6 +20,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from hub.client import Hub
+    from hub.data import Example
 
 KINDS = ("sum", "stack", "mixture")
 Composition = WeightedSum | Stack | Mixture
@@ -34,7 +37,7 @@ class Active(Protocol):
 
 def compose(
     inputs: Sequence[Input],
-    weights: Sequence[float] | None = None,
+    weights: Sequence[float] | Literal["auto"] | None = None,
     *,
     kind: str = "sum",
     strategy: str = "exact",
@@ -43,6 +46,12 @@ def compose(
     majority_sign: str = "total",
     seed: int = 0,
     router: RouterConfig | None = None,
+    examples: Sequence[Example] = (),
+    data: str | os.PathLike[str] | None = None,
+    search: SearchConfig | str | None = None,
+    base: str | os.PathLike[str] | Any | None = None,
+    quantize: str | None = "nf4",
+    device: str | None = None,
     hub: Hub | None = None,
 ) -> Composition:
     """Compose adapters: ``inputs`` are registry references (``"math"``, ``"math@2"``, ``"math@prod"``, read
@@ -53,6 +62,14 @@ def compose(
       ``hub.composition.merge.merge``);
     * ``kind="stack"``: a ``Stack``, the adapters (any methods) active together at their weights;
     * ``kind="mixture"``: a ``Mixture``, the adapters as experts behind a gate (``router``) to ``fit``.
+
+    ``weights="auto"`` (sums only) fits the weights on ``examples`` plus a JSONL file ``data`` first, LoraHub's
+    way (``hub.composition.auto``: ``search`` is a SearchConfig or its method, "cma" (default) or "gradient"), on
+    ``base`` (a loaded ``hub.runtime.Base``, or a folder / Hub id loaded once with ``quantize`` on ``device``;
+    default the members' base); then the sum is made by ``strategy`` with the weights found, and its recipe
+    records them with the search settings and score (``WeightedSum.search``). The search scores the exact sum
+    (for "svd", "ties"... the merge made afterwards approximates it). Raises Incompatible (no examples, another
+    kind, a search that keeps every weight at 0), InvalidArtifact (a malformed data file).
 
     Every result can ``attach(model)`` and ``register(hub, name=...)`` (with lineage); ``activate`` puts a
     registered one back on a model.
@@ -66,10 +83,27 @@ def compose(
         raise Incompatible(f"strategy, rank and density apply to weighted sums (kind='sum'), not to a {kind}")
     if kind != "mixture" and router is not None:
         raise Incompatible(f"router applies to kind='mixture', not to a {'weighted sum' if kind == 'sum' else kind}")
-    members = resolve(inputs, weights, hub=hub)
+    auto = isinstance(weights, str) and weights == "auto"
+    if auto and kind != "sum":
+        raise Incompatible(f"weights='auto' fits a weighted sum (kind='sum'), not a {kind}")
+    if not auto and (examples or data is not None or search is not None or base is not None):
+        raise Incompatible("examples, data, search and base apply to fitting the weights (weights='auto')")
+    settings = SearchConfig(method=search) if isinstance(search, str) else search or SearchConfig()
+    members = resolve(inputs, None if auto else weights, hub=hub)
     if kind == "sum":
-        return WeightedSum(members, strategy=strategy, rank=rank, density=density, majority_sign=majority_sign,
-                           seed=seed)
+        options = {"strategy": strategy, "rank": rank, "density": density, "majority_sign": majority_sign,
+                   "seed": seed}
+        summed = WeightedSum(members, **options)  # with "auto": the strategy's own checks, before any search
+        if not auto:
+            return summed
+        found = fit_weights(members, examples=examples, data=data, settings=settings, base=base,
+                            quantize=quantize, device=device, hub=hub)
+        if not any(found.weights):
+            raise Incompatible("the weight search found nothing better than the base alone (every weight 0) on "
+                               "these examples")
+        for member, weight in zip(members, found.weights, strict=True):
+            member.weight = weight
+        return WeightedSum(members, **options, search=found)
     if kind == "stack":
         return Stack(members)
     return Mixture(members, router or RouterConfig())

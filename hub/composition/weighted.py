@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from hub.client import Hub
+    from hub.composition.auto import WeightSearch
     from hub.fingerprint import Fingerprint
     from hub.runtime import AttachedHandle
 
@@ -24,7 +25,8 @@ class WeightedSum:
     """Σ weightᵢ · memberᵢ as one adapter, computed by ``strategy`` (see ``hub.composition.merge``) when created.
 
     ``adapter`` is the merged adapter (LoRA for LoRA-family inputs, IA3 or a prompt for those); ``recipe`` how it
-    was made (strategy, weights, rank, density, majority sign, seed and the parents' digests).
+    was made (strategy, weights, rank, density, majority sign, seed and the parents' digests, and ``search``: the
+    weight search's settings and score when the weights were fitted).
     """
 
     members: list[Member]
@@ -33,6 +35,8 @@ class WeightedSum:
     density: float | None = None
     majority_sign: str = "total"
     seed: int = 0
+    # How the weights were fitted when ``compose(weights="auto")`` chose them (hub.composition.auto), else None.
+    search: WeightSearch | None = None
     result: MergeResult = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -47,7 +51,10 @@ class WeightedSum:
 
     @property
     def recipe(self) -> dict[str, Any]:
-        return {"kind": "sum", **self.result.recipe}
+        recipe = {"kind": "sum", **self.result.recipe}
+        if self.search is not None:
+            recipe["search"] = self.search.to_recipe()
+        return recipe
 
     @property
     def base(self) -> Fingerprint | None:
@@ -86,6 +93,8 @@ class WeightedSum:
         parents, each with its weight, the strategy and its parameters, so the merge can be reproduced."""
         params = {key: self.result.recipe[key] for key in ("rank", "density", "majority_sign", "seed")
                   if self.result.recipe[key] is not None}
+        if self.search is not None:  # each parent's edge says its weight was searched, and how
+            params["search"] = self.search.settings.to_dict()
         return register_composition(hub, self.adapter, self.members, name=name, strategy=self.strategy, params=params,
                                  recipe=self.recipe, store_members=False, base=base, metrics=metrics, tags=tags,
                                  description=description)

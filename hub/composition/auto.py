@@ -1,0 +1,257 @@
+"""Learned composition weights: the per-adapter weights of a weighted sum fitted on a few examples (LoraHub).
+
+LoraHub (Huang et al., "LoraHub: Efficient Cross-Task Generalization via Dynamic LoRA Composition", COLM 2024;
+sail-sg/lorahub ``lorahub/algorithm.py``) searches w ∈ [−1.5, 1.5]^K, starting at 0, gradient-free (CMA-ES) for 40
+evaluations of ``loss(Σ wᵢ·LoRAᵢ) + 0.05·mean|wᵢ|`` on ~5 examples of an unseen task. Those are the defaults here.
+
+No trial merges anything: the adapters are attached once as a stack, each at static weight 1, and a trial sets
+their gates to w (``hub.sites`` gates: ``y = base(x) + Σ wᵢ·Δᵢ(x)``), which for additive deltas (the LoRA family)
+is exactly the exact weighted sum's forward. The search is a well-kept library's CMA-ES (``cma``, pycma by
+N. Hansen) rather than our own; ``method="gradient"`` instead trains w as tensors through the same gates with Adam
+(the base and adapters frozen; quantized bases stay quantized). Either way the base is only read.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from hub.composition.members import common_base, default_hub
+from hub.errors import Incompatible, InvalidArtifact, NotFound
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from hub.client import Hub
+    from hub.composition.members import Member
+    from hub.data import Encoded, Example
+
+METHODS = ("cma", "gradient")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """How the weights are searched. ``method``: ``cma`` (CMA-ES, gradient-free) or ``gradient`` (Adam on the
+    weights). ``budget``: loss evaluations for CMA-ES, optimizer steps for gradient. ``bounds``: every weight is
+    kept in [low, high]. ``l1``: the penalty ``l1 · mean|wᵢ|`` added to the loss. ``sigma``: CMA-ES's initial step
+    size; ``lr``: Adam's learning rate. ``seed``: CMA-ES's sampling. Defaults: LoraHub's."""
+
+    method: str = "cma"
+    budget: int = 40
+    bounds: tuple[float, float] = (-1.5, 1.5)
+    l1: float = 0.05
+    seed: int = 0
+    sigma: float = 0.5
+    lr: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise Incompatible(f"unknown weight search {self.method!r} (known: {', '.join(METHODS)})")
+        if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1:
+            raise Incompatible(f"the search budget must be a whole number >= 1, not {self.budget!r}")
+        low, high = (float(b) for b in self.bounds)
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise Incompatible(f"weight bounds must be finite with low < high, not {tuple(self.bounds)}")
+        object.__setattr__(self, "bounds", (low, high))
+        for key in ("l1", "sigma", "lr"):
+            value = getattr(self, key)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise Incompatible(f"{key} must be a finite number >= 0, not {value!r}")
+        if self.sigma == 0 or self.lr == 0:
+            raise Incompatible("sigma and lr must be above 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        settings = {"method": self.method, "budget": self.budget, "bounds": list(self.bounds), "l1": self.l1,
+                    "seed": self.seed}
+        settings.update({"sigma": self.sigma} if self.method == "cma" else {"lr": self.lr})
+        return settings
+
+
+@dataclass(frozen=True)
+class WeightSearch:
+    """The search's outcome: ``weights`` (one per adapter, in input order); ``loss``: mean completion-token
+    cross-entropy (nats) of the stack at those weights on the examples, ``objective`` = loss + L1 term;
+    ``evaluations``: losses computed (CMA-ES) or steps taken (gradient); ``seconds``: wall time."""
+
+    weights: list[float]
+    loss: float
+    objective: float
+    evaluations: int
+    examples: int
+    settings: SearchConfig
+    seconds: float
+    history: list[float] = field(default_factory=list, repr=False)  # the objective per evaluation or step
+
+    def to_recipe(self) -> dict[str, Any]:
+        """What the composition's recipe records (no timings: a recipe describes how to reproduce the result)."""
+        return {**self.settings.to_dict(), "examples": self.examples, "evaluations": self.evaluations,
+                "weights": [round(w, 6) for w in self.weights], "loss": self.loss, "objective": self.objective}
+
+
+def search_weights(
+    model: nn.Module,
+    tokenizer: Any,
+    members: Sequence[Member],
+    examples: Sequence[Example],
+    settings: SearchConfig | None = None,
+    *,
+    batch_size: int = 16,
+    allow_structural: bool = False,
+) -> WeightSearch:
+    """Fit one weight per member on ``examples`` (prompt/completion pairs; loss on the completions) with
+    ``model`` (any causal LM, full precision or bitsandbytes nf4/int8; only read). The members are attached for
+    the search and detached after it, whatever happens.
+
+    Raises InvalidArtifact (no examples, one longer than the context), Incompatible (members that do not attach
+    to this model).
+    """
+    from hub.data import context_length, encode
+    from hub.runtime import attach, gate_context, place
+    from hub.sites import disable_cpu_repacking
+
+    settings = settings or SearchConfig()
+    if not examples:
+        raise InvalidArtifact("weights='auto' needs examples to fit the weights on")
+    limit = context_length(model)
+    encoded = [encode(tokenizer, ex, max_length=limit, index=i) for i, ex in enumerate(examples)]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batches = [encoded[i:i + batch_size] for i in range(0, len(encoded), batch_size)]
+    device = place(model)
+    disable_cpu_repacking(model)  # the gradient search backpropagates through bitsandbytes' fp32 CPU path
+    handle = attach(model, [m.adapter for m in members], name=[f"auto-weight.{i}" for i in range(len(members))],
+                    weight=1.0, base_fingerprint=common_base(members), allow_structural=allow_structural)
+    names = [h.name for h in handle.handles]
+    gates = gate_context(model)
+    was_training = model.training
+    model.eval()  # dropout off: the weights are judged as they will run
+    start = time.perf_counter()
+    try:
+        def loss_at(weights: torch.Tensor) -> torch.Tensor:
+            with gates.routed(names, weights):
+                return _loss(model, batches, pad, device)
+
+        run = _cma if settings.method == "cma" else _gradient
+        weights, history = run(loss_at, len(members), settings)
+        with torch.no_grad():
+            loss = float(loss_at(torch.tensor(weights)))
+    finally:
+        handle.detach()
+        model.train(was_training)
+    penalty = settings.l1 * sum(abs(w) for w in weights) / len(weights)
+    return WeightSearch(weights=weights, loss=loss, objective=loss + penalty, evaluations=len(history),
+                        examples=len(examples), settings=settings, seconds=time.perf_counter() - start,
+                        history=history)
+
+
+def _loss(model: nn.Module, batches: Sequence[Sequence[Encoded]], pad: int, device: torch.device) -> torch.Tensor:
+    """Mean cross-entropy over every completion token of every batch (as ``hub.evaluate`` computes it)."""
+    from hub.data import collate
+
+    total, count = None, 0
+    for batch in batches:
+        ids, labels, mask = (t.to(device) for t in collate(batch, pad_id=pad))
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -ids.shape[1]:-1].float()
+        targets = labels[:, 1:]
+        scored = targets != -100
+        part = torch.nn.functional.cross_entropy(logits[scored], targets[scored], reduction="sum")
+        total = part if total is None else total + part
+        count += int(scored.sum())
+    return total / max(count, 1)
+
+
+def _cma(loss_at: Any, count: int, settings: SearchConfig) -> tuple[list[float], list[float]]:
+    """CMA-ES from 0 (no adapter) within the bounds for ``budget`` evaluations; the best point evaluated wins."""
+    with warnings.catch_warnings():  # pycma warns at import when matplotlib (plots only) is missing
+        warnings.simplefilter("ignore")
+        import cma
+
+    low, high = settings.bounds
+    start = [min(max(0.0, low), high)] * count
+    # pycma draws a random seed for 0; every seed here is an explicit, reproducible one.
+    strategy = cma.CMAEvolutionStrategy(start, settings.sigma, {"bounds": [low, high], "seed": settings.seed + 1,
+                                                                "verbose": -9, "maxfevals": settings.budget})
+    history: list[float] = []
+    best, best_value = start, math.inf
+    while len(history) < settings.budget:
+        points = strategy.ask()
+        points = points[:settings.budget - len(history)] if len(points) > settings.budget - len(history) else points
+        values = []
+        for point in points:
+            weights = [float(w) for w in point]
+            with torch.no_grad():
+                value = float(loss_at(torch.tensor(weights))) + settings.l1 * sum(abs(w) for w in weights) / count
+            values.append(value)
+            history.append(value)
+            if value < best_value:
+                best, best_value = weights, value
+        if len(values) < strategy.popsize:
+            break  # the budget ended inside a generation: pycma takes only whole ones
+        strategy.tell(points, values)
+    return best, history
+
+
+def _gradient(loss_at: Any, count: int, settings: SearchConfig) -> tuple[list[float], list[float]]:
+    """Adam on the weights from 1/K each (at 0 an adapter's gate is skipped and would get no gradient), clamped
+    to the bounds after every step; the best point seen wins."""
+    low, high = settings.bounds
+    weights = torch.full((count,), min(max(1.0 / count, low), high), requires_grad=True)
+    optimizer = torch.optim.Adam([weights], lr=settings.lr)
+    history: list[float] = []
+    best, best_value = weights.detach().tolist(), math.inf
+    for _ in range(settings.budget):
+        objective = loss_at(weights) + settings.l1 * weights.abs().mean()
+        value = float(objective.detach())
+        history.append(value)
+        if value < best_value:
+            best, best_value = weights.detach().tolist(), value
+        optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        optimizer.step()
+        with torch.no_grad():
+            weights.clamp_(low, high)
+    return best, history
+
+
+def fit_weights(
+    members: Sequence[Member],
+    *,
+    examples: Sequence[Example] = (),
+    data: str | os.PathLike[str] | None = None,
+    settings: SearchConfig | None = None,
+    base: str | os.PathLike[str] | Any | None = None,
+    quantize: str | None = "nf4",
+    device: str | None = None,
+    hub: Hub | None = None,
+) -> WeightSearch:
+    """``search_weights`` on ``examples`` plus a JSONL file ``data`` (chats rendered with the base's template), on
+    ``base``: a loaded ``hub.runtime.Base``, or a folder / Hub id loaded once here (``quantize``, ``device``);
+    default the members' registered base. Everything checkable is checked before the model loads. Raises
+    Incompatible (no base known, no examples), NotFound, InvalidArtifact."""
+    from hub.client import resolve_base
+    from hub.data import read_jsonl
+    from hub.runtime import Base, load_tokenizer
+
+    if isinstance(examples, (str, os.PathLike)):
+        raise Incompatible("examples are prompt/completion Examples: pass a JSONL file as data=")
+    if base is None:
+        base = next((m.base_name for m in members if m.base_name), None)
+        if base is None:
+            raise Incompatible("weights='auto' needs a base to fit on, and no member's registry entry names one:"
+                               " pass base=")
+    loaded = base if isinstance(base, Base) else None
+    path = loaded.path if loaded is not None else resolve_base(base)
+    tokenizer = loaded.tokenizer if loaded is not None else load_tokenizer(path)
+    if tokenizer is None:
+        raise NotFound(f"the base at {path} has no tokenizer to read the examples with")
+    examples = [*examples, *(read_jsonl(data, tokenizer=tokenizer) if data is not None else ())]
+    if not examples:
+        raise Incompatible("weights='auto' needs examples to fit the weights on: give examples or a data file")
+    loaded = loaded or default_hub(hub).load_base(path, quantize=quantize, device=device)
+    return search_weights(loaded.model, loaded.tokenizer, members, examples, settings)

@@ -1,0 +1,115 @@
+"""Learned composition weights (``compose(weights="auto")``, ``hub compose --auto``) on tiny random Llamas, nf4.
+
+The examples are what the base with the ``target`` LoRA at weight 1 generates (tests/test_rank.py), so a search
+that works finds weights that fit them better than any fixed uniform merge, with ``target`` weighted most.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from test_rank import generated, hub, tiny  # noqa: F401  (fixtures)
+
+from cli.main import cli
+from hub import compose
+from hub.composition.auto import SearchConfig, search_weights
+from hub.composition.members import resolve
+from hub.data import write_jsonl
+from hub.errors import Incompatible
+from hub.evaluate import evaluate
+from hub.runtime import load_base
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+REFS = ["target", "other", "third"]
+
+
+def loss_of(merged, base, examples) -> float:
+    handle = merged.attach(base.model)
+    try:
+        return evaluate(base.model, base.tokenizer, examples, generate=False, progress=False).loss
+    finally:
+        handle.detach()
+
+
+@pytest.mark.parametrize("method", ["cma", "gradient"])
+def test_auto_weights_recover_the_adapter_behind_the_examples(hub, tiny, method):  # noqa: F811
+    base, examples = tiny["nf4"], tiny["examples"]
+    before = {k: v.clone() for k, v in base.model.state_dict().items()}
+    budget = 40 if method == "cma" else 15
+    merged = compose(REFS, "auto", examples=examples, base=base, search=SearchConfig(method=method, budget=budget),
+                     hub=hub)
+    weights = [m.weight for m in merged.members]
+    assert weights[0] == max(weights), weights
+    uniform = compose(REFS, [1 / 3] * 3, hub=hub)
+    assert loss_of(merged, base, examples) < loss_of(uniform, base, examples)
+    # The search's loss is the loss of the exact sum it returns: gates on the stack = the merged adapter.
+    assert merged.search.loss == pytest.approx(loss_of(merged, base, examples), rel=1e-3)
+    assert all(-1.5 <= w <= 1.5 for w in weights)
+    assert merged.search.evaluations == budget and len(merged.search.history) == budget
+    state = base.model.state_dict()  # the base was only read, and nothing stays attached
+    assert all(torch.equal(state[k], before[k]) for k in before) and not base.model.__dict__.get("hub_adapters")
+
+
+def test_auto_weights_on_an_int8_base(hub, tiny):  # noqa: F811
+    int8 = load_base(tiny["base_dir"], quantize="int8")
+    merged = compose(REFS, "auto", examples=tiny["examples"], base=int8, search=SearchConfig("gradient", budget=12),
+                     hub=hub)
+    weights = [m.weight for m in merged.members]
+    assert weights[0] == max(weights), weights
+
+
+def test_the_search_is_reproducible_from_its_seed(hub, tiny):  # noqa: F811
+    members = resolve(REFS, None, hub=hub)
+    runs = [search_weights(tiny["nf4"].model, tiny["nf4"].tokenizer, members, tiny["examples"][:3],
+                           SearchConfig(budget=8, seed=3)) for _ in range(2)]
+    assert runs[0].weights == runs[1].weights and runs[0].history == runs[1].history
+
+
+def test_registered_recipe_and_lineage_record_the_search(hub, tiny):  # noqa: F811
+    merged = compose(REFS, "auto", examples=tiny["examples"], base=tiny["nf4"], search=SearchConfig(budget=12, l1=0.1),
+                     strategy="svd", rank=4, hub=hub)
+    version = merged.register(hub, name="few-shot").version
+    search = version.recipe["search"]
+    assert search["method"] == "cma" and search["budget"] == 12 and search["bounds"] == [-1.5, 1.5]
+    assert search["l1"] == 0.1 and search["seed"] == 0 and search["examples"] == len(tiny["examples"])
+    assert search["weights"] == pytest.approx([m.weight for m in merged.members], abs=1e-6)
+    assert search["loss"] > 0 and version.recipe["strategy"] == "svd"
+    assert [round(p.weight, 6) for p in version.parents] == pytest.approx(search["weights"], abs=1e-6)
+    assert all(p.params["search"]["method"] == "cma" for p in version.parents)
+
+
+def test_cli_compose_auto_registers_and_bad_inputs_exit_with_one_line(hub, tiny, tmp_path):  # noqa: F811
+    data = write_jsonl(tiny["examples"], tmp_path / "few.jsonl")
+    runner = CliRunner()
+    common = ["compose", *REFS, "--auto", "--base", str(tiny["base_dir"]), "--quantize", "nf4"]
+    result = runner.invoke(cli, [*common, "--fit-data", str(data), "--budget", "10", "--name", "auto", "--json"])
+    assert result.exit_code == 0, result.output
+    version = json.loads(result.stdout)
+    assert version["recipe"]["search"]["budget"] == 10 and len(version["parents"]) == 3
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    for args, message in ((["--fit-data", str(empty)], "holds no examples"),
+                          (["--fit-data", str(data), "--bounds", "1,-1"], "low < high")):
+        result = runner.invoke(cli, [*common, *args, "--name", "x"])
+        assert result.exit_code == 1 and result.output.startswith("error: ") and message in result.output
+        assert result.output.count("\n") == 1
+    result = runner.invoke(cli, [*common, "--name", "x"])
+    assert result.exit_code == 2 and "pass --fit-data" in result.output
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({}, "needs examples"),
+    ({"kind": "stack", "examples": "x"}, "fits a weighted sum"),
+    ({"search": "anneal", "examples": "x"}, "unknown weight search"),
+])
+def test_bad_auto_inputs_are_refused_with_one_line(hub, tiny, options, message):  # noqa: F811
+    options = {k: tiny["examples"] if v == "x" else v for k, v in options.items()}
+    with pytest.raises(Incompatible, match=message) as caught:
+        compose(REFS, "auto", base=tiny["nf4"], hub=hub, **options)
+    assert "\n" not in str(caught.value)
+    with pytest.raises(Incompatible, match="apply to fitting the weights"):
+        compose(REFS, [1, 1, 1], examples=tiny["examples"], hub=hub)
