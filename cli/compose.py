@@ -78,6 +78,11 @@ def compose(refs: tuple[str, ...], name: str, weights: str | None, auto: bool, s
     hub compose date name record --kind mixture --fit-task date --fit-task name --fit-task record --name router
     hub compose date name record --auto --fit-data few.jsonl --name few-shot
     """
+    context = click.get_current_context()
+    given = [f"--{option}" for option in ("search", "budget", "l1", "bounds")
+             if context.get_parameter_source(option) is not click.core.ParameterSource.DEFAULT]
+    if given and not auto:
+        raise click.UsageError(f"{', '.join(given)} set the --auto search: use them with --auto")
     if auto:
         _compose_auto(list(refs), name=name, weights=weights, search=search, budget=budget, l1=l1, bounds=bounds,
                       kind=kind, strategy=strategy, rank=rank, density=density, majority_sign=majority_sign,

@@ -99,6 +99,8 @@ def test_cli_compose_auto_registers_and_bad_inputs_exit_with_one_line(hub, tiny,
         assert result.output.count("\n") == 1
     result = runner.invoke(cli, [*common, "--name", "x"])
     assert result.exit_code == 2 and "pass --fit-data" in result.output
+    result = runner.invoke(cli, ["compose", *REFS, "--budget", "10", "--l1", "0", "--name", "x"])
+    assert result.exit_code == 2 and "--budget, --l1 set the --auto search: use them with --auto" in result.output
 
 
 @pytest.mark.parametrize(("options", "message"), [

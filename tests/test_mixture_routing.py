@@ -15,9 +15,10 @@ from runtime_peft import peft_adapter, tiny_llama
 from hub import compose
 from hub.client import Hub
 from hub.composition import Mixture, RouterConfig
-from hub.errors import Incompatible
+from hub.errors import Incompatible, InvalidArtifact
 from hub.fingerprint import fingerprint
 from hub.formats import Adapter
+from hub.formats.peft import validate
 
 TOKENS = torch.randint(2, 128, (2, 6), generator=torch.Generator().manual_seed(1))
 
@@ -135,3 +136,7 @@ def test_the_routing_is_recorded_and_old_artifacts_route_per_token(hub_home, mod
     assert all(torch.equal(old.to_adapter().tensors[k], t) for k, t in artifact.tensors.items())
     with pytest.raises(Incompatible, match="routing must be one of token, sequence, not 'prompt'"):
         compose(experts, kind="mixture", router=RouterConfig(routing="prompt"))
+    # A file that says so is refused when read, before anything is registered.
+    bad = {**artifact.config, "router": {**artifact.config["router"], "routing": "prompt"}}
+    with pytest.raises(InvalidArtifact, match="router routing must be one of token, sequence, not 'prompt'"):
+        validate(Adapter(config=bad, tensors=artifact.tensors))

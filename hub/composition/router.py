@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hub.errors import Incompatible
-from hub.formats.composition import ROUTER_KINDS, ROUTER_PREFIX, gate_shapes
+from hub.formats.composition import ROUTER_KINDS, ROUTER_PREFIX, ROUTINGS, gate_shapes
 
 
 @dataclass(frozen=True)
@@ -66,9 +66,6 @@ class RouterConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-ROUTINGS = ("token", "sequence")
 
 
 def _whole(value: Any) -> bool:

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 STACK_TYPE = "HUB_STACK"
 MIXTURE_TYPE = "HUB_MIXTURE"
 ROUTER_KINDS = ("layerwise", "two_pass")
+ROUTINGS = ("token", "sequence")
 ROUTER_PREFIX = "router."
 DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
@@ -115,6 +116,8 @@ def _check_router(router: Any, experts: int) -> None:
     temperature = router.get("temperature")
     if not _finite(temperature) or temperature <= 0:
         raise InvalidArtifact(f"router temperature must be a positive number, not {temperature!r}")
+    if router.get("routing", "token") not in ROUTINGS:  # absent in mixtures saved before sequence routing
+        raise InvalidArtifact(f"router routing must be one of {', '.join(ROUTINGS)}, not {router.get('routing')!r}")
     top_k = router.get("top_k")
     if top_k is not None and (not _positive_int(top_k) or top_k > experts):
         raise InvalidArtifact(f"router top_k must be null or an integer from 1 to {experts}, not {top_k!r}")
