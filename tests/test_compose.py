@@ -93,6 +93,8 @@ def test_sum_from_refs_registers_with_lineage_and_reproduces(hub, model):
                                                                         ("c@1", 1.5, "svd")]
     assert version.parents[0].params == {"rank": 6}
     assert version.recipe["kind"] == "sum" and version.recipe["strategy"] == "svd"
+    # What storing the sum at rank 6 lost, as merge measured it, travels with the version.
+    assert version.recipe["truncation_error"] == merged.result.truncation_error > 0
     assert version.digest == adapter_digest(merged.adapter)
     again = WeightedSum.from_dict(merged.to_dict(), hub=hub)
     assert adapter_digest(again.adapter) == version.digest

@@ -25,8 +25,9 @@ class WeightedSum:
     """Σ weightᵢ · memberᵢ as one adapter, computed by ``strategy`` (see ``hub.composition.merge``) when created.
 
     ``adapter`` is the merged adapter (LoRA for LoRA-family inputs, IA3 or a prompt for those); ``recipe`` how it
-    was made (strategy, weights, rank, density, majority sign, seed and the parents' digests, and ``search``: the
-    weight search's settings and score when the weights were fitted).
+    was made (strategy, weights, rank, density, majority sign, seed and the parents' digests, ``truncation_error``
+    when the sum was stored at a lower rank, and ``search``: the weight search's settings and score when the weights
+    were fitted).
     """
 
     members: list[Member]
@@ -52,6 +53,8 @@ class WeightedSum:
     @property
     def recipe(self) -> dict[str, Any]:
         recipe = {"kind": "sum", **self.result.recipe}
+        if self.result.truncation_error is not None:  # what storing it at `rank` lost: ‖ΔW − BA‖_F / ‖ΔW‖_F
+            recipe["truncation_error"] = self.result.truncation_error
         if self.search is not None:
             recipe["search"] = self.search.to_recipe()
         return recipe
