@@ -95,7 +95,8 @@ def test_a_gate_fitted_on_50_examples_per_task_reaches_the_oracle_on_nf4(nf4, ta
     assert all(torch.equal(reloaded[key], tensor) for key, tensor in mixture.to_adapter().tensors.items())
     ids = nf4.tokenizer([test_sets[name][0].prompt for name in names], return_tensors="pt", padding=True)
     outputs = []
-    for handle in (mixture.attach(nf4.model), activate(nf4.model, version.ref, hub=hub)):
+    for attach_it in (lambda: mixture.attach(nf4.model), lambda: activate(nf4.model, version.ref, hub=hub)):
+        handle = attach_it()  # one at a time: a model holds one mixture
         try:
             with torch.no_grad():
                 outputs.append(nf4.model(**ids).logits)

@@ -98,7 +98,8 @@ def test_explicit_base_model_goes_to_card_and_config(server, source):
 
 
 def test_hub_formats_get_the_hubs_snippet_not_peft(source):
-    version = dataclasses.replace(source.get("a@1"), method="bitfit")
+    lora = source.get("a@1")
+    version = dataclasses.replace(lora, method="bitfit", config={**lora.config, "peft_type": "BITFIT"})
     card = model_card(version, repo_id="alice/a")
     assert "library_name" not in card_yaml(card) and "from hub import Hub, activate" in card
     assert "PeftModel" not in card
