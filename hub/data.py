@@ -131,6 +131,14 @@ def encode(tokenizer: Any, example: Example, *, max_length: int, index: int | No
     return Encoded(input_ids=ids, labels=[-100] * len(prompt) + completion, prompt_length=len(prompt))
 
 
+def encode_all(model: Any, tokenizer: Any, examples: Sequence[Example]) -> tuple[list[Encoded], int]:
+    """Every example ``encode``d within ``model``'s context (InvalidArtifact names the first that is longer), and
+    the id to pad batches with (the tokenizer's pad token, else EOS)."""
+    limit = context_length(model)
+    encoded = [encode(tokenizer, ex, max_length=limit, index=i) for i, ex in enumerate(examples)]
+    return encoded, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def context_length(model: Any) -> int:
     config = getattr(model, "config", None)
     return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048)

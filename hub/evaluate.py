@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from hub.data import Example, collate, context_length, encode
+from hub.data import Example, collate, encode_all
 from hub.errors import InvalidArtifact
 
 
@@ -55,9 +55,7 @@ def evaluate(
         raise InvalidArtifact("no examples to evaluate on")
     was_training = model.training
     model.eval()
-    limit = context_length(model)
-    encoded = [encode(tokenizer, ex, max_length=limit, index=i) for i, ex in enumerate(examples)]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded, pad = encode_all(model, tokenizer, examples)
     device = place(model, device)
     total_loss = correct_tokens = scored_tokens = exact = 0.0
     bar = tqdm(total=len(examples), desc="evaluate", unit="ex", disable=not progress, leave=False)

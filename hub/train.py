@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from hub.data import Encoded, Example, collate, context_length, encode
+from hub.data import Encoded, Example, collate, encode_all
 from hub.errors import InvalidArtifact
 from hub.formats import Adapter
 from hub.methods import trainer
@@ -160,9 +160,7 @@ def train(
     recipe = recipe or Recipe()
     if not examples:
         raise InvalidArtifact("the training set is empty")
-    limit = context_length(model)
-    encoded = [encode(tokenizer, ex, max_length=limit, index=i) for i, ex in enumerate(examples)]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded, pad = encode_all(model, tokenizer, examples)
     device = place(model, device)
     started = time.perf_counter()
     method = trainer(recipe.method)[0]

@@ -112,16 +112,14 @@ def search_weights(
     Raises InvalidArtifact (no examples, one longer than the context), Incompatible (members that do not attach
     to this model).
     """
-    from hub.data import context_length, encode
+    from hub.data import encode_all
     from hub.runtime import attach, gate_context, place
     from hub.sites import disable_cpu_repacking
 
     settings = settings or SearchConfig()
     if not examples:
         raise InvalidArtifact("weights='auto' needs examples to fit the weights on")
-    limit = context_length(model)
-    encoded = [encode(tokenizer, ex, max_length=limit, index=i) for i, ex in enumerate(examples)]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded, pad = encode_all(model, tokenizer, examples)
     batches = [encoded[i:i + batch_size] for i in range(0, len(encoded), batch_size)]
     device = place(model)
     disable_cpu_repacking(model)  # the gradient search backpropagates through bitsandbytes' fp32 CPU path

@@ -197,7 +197,7 @@ class Mixture:
         per batch), Conflict (another mixture attached to ``model``)."""
         from tqdm.auto import tqdm
 
-        from hub.data import collate, context_length, encode
+        from hub.data import collate, encode_all
         from hub.runtime import place
         from hub.sites import disable_cpu_repacking
 
@@ -208,9 +208,7 @@ class Mixture:
         current = model.__dict__.get(MIXTURE_ATTR)
         if current is not None and current.mixture is not self:
             raise Conflict("another mixture is attached to this model: detach it first")
-        limit = context_length(model)
-        encoded = [encode(tokenizer, ex, max_length=limit, index=i) for i, ex in enumerate(examples)]
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        encoded, pad = encode_all(model, tokenizer, examples)
         device = place(model, device)
         # bitsandbytes' packed CPU kernel has no autograd: the gate's gradient must pass through the frozen base.
         disable_cpu_repacking(model)
