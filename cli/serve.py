@@ -6,13 +6,14 @@ import os
 
 import click
 
+from cli.train import DEVICE_HELP, parse_device
 from hub.client import Hub
 
 
 @click.command()
 @click.option("--base", required=True, help="Base model: smollm2, a folder or a Hub id (ORG/NAME[@REV]).")
 @click.option("--quantize", type=click.Choice(["nf4", "int8", "none"]), default="nf4", show_default=True)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: CUDA when available.")
+@click.option("--device", default=None, callback=parse_device, help=DEVICE_HELP)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--served-model-name", default=None, help="The id clients name the base by (default: --base).")

@@ -1,10 +1,10 @@
-"""CUDA checks for bring-your-own-model: the same adapters, sums and mixtures on a tiny Llama loaded by plain
-transformers on the GPU (fp32, bf16, nf4 through BitsAndBytesConfig), against PEFT on the same GPU model and
-against the hub-loaded base on the CPU. Then serving: `hub serve --device cuda` (fp32 and nf4) answering concurrent
-requests for two adapters, a per-request weighted composition and the base, each greedy completion compared token
-for token with in-process generation on the same GPU. Prints one line per figure; exits 1 when a figure is over
-its tolerance, 0 with a plain SKIPPED line when there is no CUDA GPU. ``--device cpu`` runs the same checks on the
-CPU (to try the script on a machine without a GPU)."""
+"""CUDA checks for bring-your-own-model: the same adapters, sums, mixtures, evaluation and training on a tiny Llama
+loaded by plain transformers on the GPU (fp32, bf16, nf4 through BitsAndBytesConfig), against PEFT on the same GPU
+model and against the hub-loaded base on the CPU. Then serving: `hub serve --device cuda` (fp32 and nf4) answering
+concurrent requests for two adapters, a per-request weighted composition and the base, each greedy completion
+compared token for token with in-process generation on the same GPU. Prints one line per figure; exits 1 when a
+figure is over its tolerance, 0 with a plain SKIPPED line when there is no CUDA GPU. ``--device cpu`` runs the same
+checks on the CPU (to try the script on a machine without a GPU)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,9 @@ def main(device: str = "cuda") -> int:
     from hub.client import Hub
     from hub.composition import activate, compose
     from hub.data import Example
+    from hub.evaluate import evaluate
     from hub.runtime import load_base
+    from hub.train import Recipe, train
 
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 on both sides
     root = Path(tempfile.mkdtemp(prefix="gpu-check-"))
@@ -106,6 +108,11 @@ def main(device: str = "cuda") -> int:
         report(f"{mode} mixture fit losses: {device} vs cpu",
                max(abs(x - y) for x, y in zip(fits[0][0], fits[1][0], strict=True)), tol)
         report(f"{mode} fitted mixture logits: {device} vs cpu", diff(fits[0][1], fits[1][1]), tol)
+        losses = [evaluate(model, tokenizer, examples, generate=False, progress=False).loss for model in (gpu, cpu)]
+        report(f"{mode} evaluate loss: {device} vs cpu", abs(losses[0] - losses[1]), tol)
+        recipe = Recipe(steps=3, batch_size=3, lr=2e-2)
+        trained = [train(model, tokenizer, examples, recipe, progress=False).losses for model in (gpu, cpu)]
+        report(f"{mode} train losses: {device} vs cpu", max(abs(x - y) for x, y in zip(*trained, strict=True)), tol)
     tokenizer.save_pretrained(root / "base")  # the server needs the base's tokenizer
     for quantize in (None, "nf4"):
         mismatches, total = serving(hub, root / "base", device, quantize)

@@ -1,11 +1,15 @@
-"""Bring your own model: adapters registered against a folder run on that base loaded by plain transformers (fp32,
-bf16, nf4), exactly as on the hub-loaded base and as PEFT runs them; other weights with the same shapes are
-refused unless forced."""
+"""Bring your own model: adapters registered against a folder run, mix and train on that base loaded by plain
+transformers (fp32, bf16, nf4) exactly as on the hub-loaded base and as PEFT runs them; other weights with the same
+shapes are refused unless forced; a base named by Hub id is downloaded once; every command that runs a model takes
+--device."""
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +24,8 @@ from hub.composition import activate, compose
 from hub.data import Example
 from hub.errors import Incompatible
 from hub.evaluate import evaluate
-from hub.runtime import identify, load_base
+from hub.runtime import attach, identify, load_base
+from hub.train import Recipe, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,9 +34,11 @@ TOKENS = torch.tensor([[3, 17, 42, 5, 99, 7, 64, 12], [8, 8, 21, 77, 3, 40, 2, 9
 # quantized weights, so the hub-loaded and the user-loaded paths must agree to float rounding.
 HUB_NF4 = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                bnb_4bit_compute_dtype=torch.float32)
-# Tolerances on logits: fp32 and nf4 (dequantized and computed in fp32) agree to rounding; bf16 rounds each
-# activation to 8 bits of mantissa, and PEFT adds its LoRA branch in another order than the hub (2^-8 relative).
-TOLERANCE = {"fp32": 1e-4, "nf4": 1e-4, "bf16": 1e-2}
+# The user-loaded and the hub-loaded base are the same model: every result agrees to 1e-4 whatever the dtype.
+SAME = 1e-4
+# Against PEFT: fp32 and nf4 (dequantized and computed in fp32) agree to rounding; in bf16, which rounds each
+# activation to 8 bits of mantissa, PEFT adds its LoRA branch in another order than the hub (2^-8 relative).
+PEFT_TOLERANCE = {"fp32": 1e-4, "nf4": 1e-4, "bf16": 1e-2}
 EXAMPLES = [Example(prompt=f"q{i} ", completion=f"answer {i % 3}") for i in range(6)]
 
 
@@ -53,8 +60,8 @@ def make_lora(base_dir: Path, folder: Path, seed: int) -> Path:
 
 def user_model(folder: Path, mode: str, **bnb) -> torch.nn.Module:
     """The base as a user loads it with plain transformers."""
-    if mode == "nf4":
-        config = BitsAndBytesConfig(**(bnb or HUB_NF4))
+    if mode in ("nf4", "int8"):
+        config = BitsAndBytesConfig(**(bnb or (HUB_NF4 if mode == "nf4" else {"load_in_8bit": True})))
         return AutoModelForCausalLM.from_pretrained(folder, quantization_config=config).eval()
     dtype = torch.bfloat16 if mode == "bf16" else torch.float32
     return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
@@ -89,10 +96,10 @@ def setup(tmp_path_factory):
 
 
 @pytest.mark.parametrize("mode", ["fp32", "bf16", "nf4"])
-def test_activate_compose_mix_and_evaluate_on_a_user_loaded_base(setup, mode, caplog):
+def test_activate_compose_mix_train_and_evaluate_on_a_user_loaded_base(setup, mode, caplog):
     hub, base_dir, folders = setup
     mine, theirs = user_model(base_dir, mode), hub_model(base_dir, mode)
-    tolerance = TOLERANCE[mode]
+    tolerance = PEFT_TOLERANCE[mode]
 
     with caplog.at_level(logging.INFO, logger="hub.runtime.identity"):
         handle = activate(mine, "a", hub=hub)
@@ -100,18 +107,18 @@ def test_activate_compose_mix_and_evaluate_on_a_user_loaded_base(setup, mode, ca
     assert "base check: exact" in caplog.text and str(base_dir) in caplog.text
     on_mine = logits(mine)
     theirs_handle = activate(theirs, "a", hub=hub)
-    assert max_diff(on_mine, logits(theirs), f"{mode} activate vs hub-loaded") <= tolerance
+    assert max_diff(on_mine, logits(theirs), f"{mode} activate vs hub-loaded") <= SAME
     peft = PeftModel.from_pretrained(user_model(base_dir, mode), folders["a"]).eval()
     assert max_diff(on_mine, logits(peft), f"{mode} activate vs PEFT") <= tolerance
     scores_mine = evaluate(mine, char_tokenizer(), EXAMPLES, generate=False, progress=False)
     scores_theirs = evaluate(theirs, char_tokenizer(), EXAMPLES, generate=False, progress=False)
-    assert abs(scores_mine.loss - scores_theirs.loss) <= tolerance
+    assert abs(scores_mine.loss - scores_theirs.loss) <= SAME
     handle.detach()
     theirs_handle.detach()
 
     weighted = compose(["a", "b"], [0.7, 0.3], hub=hub)
     on_mine, on_theirs = _with(mine, weighted.attach), _with(theirs, weighted.attach)
-    assert max_diff(on_mine, on_theirs, f"{mode} weighted sum vs hub-loaded") <= tolerance
+    assert max_diff(on_mine, on_theirs, f"{mode} weighted sum vs hub-loaded") <= SAME
     peft = PeftModel.from_pretrained(user_model(base_dir, mode), folders["a"], adapter_name="a").eval()
     peft.load_adapter(folders["b"], adapter_name="b")
     peft.add_weighted_adapter(["a", "b"], [0.7, 0.3], "sum", combination_type="cat")
@@ -122,20 +129,27 @@ def test_activate_compose_mix_and_evaluate_on_a_user_loaded_base(setup, mode, ca
     fitted = mixture.fit(mine, char_tokenizer(), EXAMPLES, steps=3, lr=0.05, batch_size=3, progress=False)
     twin = compose(["a", "b"], kind="mixture", hub=hub)
     fitted_twin = twin.fit(theirs, char_tokenizer(), EXAMPLES, steps=3, lr=0.05, batch_size=3, progress=False)
-    assert max(abs(x - y) for x, y in zip(fitted.losses, fitted_twin.losses, strict=True)) <= tolerance
+    assert max(abs(x - y) for x, y in zip(fitted.losses, fitted_twin.losses, strict=True)) <= SAME
     mixed = max_diff(_with(mine, mixture.attach), _with(theirs, mixture.attach), f"{mode} mixture vs hub-loaded")
-    assert mixed <= tolerance
+    assert mixed <= SAME
+
+    recipe = Recipe(steps=3, batch_size=4, lr=2e-2)
+    trained, trained_twin = (train(m, char_tokenizer(), EXAMPLES, recipe, progress=False) for m in (mine, theirs))
+    assert max(abs(x - y) for x, y in zip(trained.losses, trained_twin.losses, strict=True)) <= SAME
+    on_mine = _with(mine, lambda model: attach(model, trained.adapter))
+    assert max_diff(on_mine, _with(theirs, lambda model: attach(model, trained_twin.adapter)),
+                    f"{mode} trained on it vs on hub-loaded") <= SAME
 
 
-def _with(model, attach) -> torch.Tensor:
-    handle = attach(model)
+def _with(model, put_on) -> torch.Tensor:
+    handle = put_on(model)
     try:
         return logits(model)
     finally:
         handle.detach()
 
 
-@pytest.mark.parametrize("mode", ["fp32", "nf4"])
+@pytest.mark.parametrize("mode", ["fp32", "bf16", "nf4", "int8"])
 def test_other_weights_with_the_same_shapes_are_refused_unless_forced(setup, tmp_path, mode):
     hub, _, _ = setup
     other = user_model(save_base(tmp_path / "other", seed=7), mode)
@@ -203,9 +217,23 @@ def test_without_a_source_folder_an_unquantized_model_is_hashed_and_a_quantized_
         activate(nf4, "a", hub=hub)
 
 
-def test_train_on_a_user_nf4_model_after_an_evaluation_pass(setup):
-    from hub.train import Recipe, train
+def test_a_model_with_offloaded_layers_is_refused_in_one_line(setup, tmp_path):
+    """accelerate offloads layers (to disk here) as meta tensors swapped in around each forward; an adapter there
+    computed NaN. PEFT cannot even load onto such a model."""
+    from hub.runtime import attached
 
+    hub, base_dir, _ = setup
+    placement = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
+                 "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(base_dir, device_map=placement, offload_folder=tmp_path).eval()
+    for attempt in (lambda: activate(model, "a", hub=hub, allow_structural=True),
+                    lambda: train(model, char_tokenizer(), EXAMPLES, Recipe(steps=1), progress=False)):
+        with pytest.raises(Incompatible, match=r"model.layers.1.\S+ is offloaded by the model's device_map"):
+            attempt()
+        assert not attached(model)
+
+
+def test_train_on_a_user_nf4_model_after_an_evaluation_pass(setup):
     _, base_dir, _ = setup
     model = user_model(base_dir, "nf4", load_in_4bit=True, bnb_4bit_quant_type="nf4")
     evaluate(model, char_tokenizer(), EXAMPLES, generate=False, progress=False)  # may repack 4-bit layers
@@ -249,6 +277,18 @@ def test_a_hub_id_is_downloaded_once_into_hub_home_and_then_works_offline(tmp_pa
         with pytest.raises(NotFound, match="alice/missing"):
             fingerprint("alice/missing")
 
+        result = CliRunner().invoke(cli, ["register", str(make_lora(second_dir, tmp_path / "lora", seed=3)),
+                                          "--name", "a", "--base", "alice/tiny"])
+        assert result.exit_code == 0, result.output
+        # The user's own transformers load of the id, into their own cache: recognised through the Hub caches.
+        monkeypatch.setattr(constants, "ENDPOINT", server.url)  # as HF_ENDPOINT set before the import does
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            server.url + "/{repo_id}/resolve/{revision}/{filename}")
+        theirs = AutoModelForCausalLM.from_pretrained("alice/tiny", cache_dir=tmp_path / "transformers-cache",
+                                                      quantization_config=BitsAndBytesConfig(**HUB_NF4))
+        check = activate(theirs, "a", hub=Hub()).base_check
+        assert check.match == "exact" and "checked against the nf4" in check.identity.how
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the server is gone too
     assert fingerprint("alice/tiny") == latest
     assert load_base(f"alice/tiny@{first}", device="cpu").fingerprint == pinned
@@ -256,6 +296,44 @@ def test_a_hub_id_is_downloaded_once_into_hub_home_and_then_works_offline(tmp_pa
     assert result.exit_code == 0 and latest.weights_hash in result.output
     result = CliRunner().invoke(cli, ["fingerprint", "alice/other"])
     assert result.exit_code == 1 and "HF_HUB_OFFLINE is set" in result.output
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": e.prompt, "completion": e.completion}) + "\n" for e in EXAMPLES))
+    result = CliRunner().invoke(cli, ["eval", "a", "--base", "alice/tiny", "--data", str(data), "--quantize", "none",
+                                      "--device", "cpu", "--quiet", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)[0]["base_check"].startswith("base check: exact match")
+
+
+def test_every_command_that_runs_a_model_takes_device():
+    """The commands that load a base (those with --quantize) all take --device, parsed alike: a torch device this
+    machine has."""
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    running = sorted(name for name, command in cli.commands.items()
+                     if any(param.name == "quantize" for param in command.params))
+    assert running == ["compose", "eval", "rank", "serve", "train"]
+    for name in running:
+        assert any(param.name == "device" for param in cli.commands[name].params), name
+        result = CliRunner().invoke(cli, [name, "--device", "tpu:x"])
+        assert result.exit_code == 2 and "'tpu:x' is not a device" in result.output, (name, result.output)
+        if not torch.cuda.is_available():
+            result = CliRunner().invoke(cli, [name, "--device", "cuda:1"])
+            assert result.exit_code == 2 and "CUDA is not available" in result.output, (name, result.output)
+
+
+def test_a_full_precision_base_is_checked_without_importing_bitsandbytes(setup):
+    """Looking for bitsandbytes layers in a user's fp32 model does not import bitsandbytes (seconds: it imports
+    torch's compiler); a fresh interpreter, since this one has imported it already."""
+    hub, base_dir, _ = setup
+    code = ("import sys; from transformers import AutoModelForCausalLM; from hub.client import Hub; "
+            f"model = AutoModelForCausalLM.from_pretrained({str(base_dir)!r}); "
+            f"check = Hub(home={str(hub.settings.home)!r}).activate(model, 'a').base_check; "
+            "print(check.match, 'bitsandbytes' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == ["exact", "False"]
 
 
 def test_revisions_that_could_escape_the_cache_are_not_model_ids():

@@ -130,7 +130,8 @@ def attach(
     (any loaded model: see ``hub.runtime.identity``); a base that matches in shapes only is refused unless
     ``allow_structural``. On a bitsandbytes model, 4-bit layers are kept on their fp32 dequantize+matmul CPU path
     (``disable_cpu_repacking``), as ``load_base`` does, so results and gradients match the hub-loaded base.
-    On any error the model is left exactly as it was. Raises Incompatible, InvalidArtifact, Conflict.
+    A model whose ``device_map`` offloads layers (to the CPU or disk: meta tensors) is refused. On any error the
+    model is left exactly as it was. Raises Incompatible, InvalidArtifact, Conflict.
     """
     adapters = [adapter_or_list] if isinstance(adapter_or_list, Adapter) else list(adapter_or_list)
     if not adapters:
@@ -146,6 +147,12 @@ def attach(
     for method in methods:
         if not method.attachable:
             raise method.cannot("attached")
+    # accelerate swaps an offloaded layer's weights in and out around each forward; an adapter on such a layer
+    # computes garbage (NaN), so refuse rather than attach.
+    offloaded = next((n for n, p in model.named_parameters() if p.device.type == "meta"), None)
+    if offloaded is not None:
+        raise Incompatible(f"{offloaded} is offloaded by the model's device_map (meta device): adapters cannot be"
+                           " attached to offloaded layers; load the model with every layer on a device")
     check = None
     if base_fingerprint is not None:
         check = check_fingerprint(model, base_fingerprint, allow_structural=allow_structural)

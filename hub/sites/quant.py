@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 from typing import Any
 
 import torch
@@ -11,11 +12,9 @@ from transformers.pytorch_utils import Conv1D
 
 
 def _bnb() -> Any | None:
-    try:
-        import bitsandbytes
-    except ImportError:  # the hub runs without bitsandbytes on full-precision bases
-        return None
-    return bitsandbytes
+    # A model holds bitsandbytes layers only once bitsandbytes is imported; importing it just to ask would cost
+    # a full-precision base seconds (it imports torch's compiler). None also when it is not installed.
+    return sys.modules.get("bitsandbytes")
 
 
 def is_bnb_4bit(module: nn.Module) -> bool:
