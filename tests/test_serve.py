@@ -222,6 +222,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> dict[st
     hub.register(root / "foreign", name="foreign", base=other)
     sequence = hub.compose(names[:3], kind="mixture", router={"routing": "sequence"})
     sequence.bind(LlamaForCausalLM.from_pretrained(base))
+    torch.manual_seed(8)
+    with torch.no_grad():  # a gate that differs between prompts: routing per sequence then differs from per token
+        sequence.module.weight.normal_(0, 3.0)
     sequence.register(hub, name="mix-seq")
     loaded = load_base(base, quantize=None, device="cpu")
     return {"root": root, "base": base, "hub": hub, "names": names, "model": loaded.model,
@@ -250,16 +253,16 @@ def test_models_lists_the_base_and_every_version_on_it(server: ServerThread, set
 
 def test_concurrent_requests_over_many_adapters_equal_in_process_generation(server: ServerThread,
                                                                             setup: dict[str, Any]) -> None:
-    """16 requests at once, half streaming: 8 adapters, a merged sum, a stack, a mixture, a per-request weighted
-    composition and the bare base. Each greedy completion is token for token what the model gives in-process
-    with that adapter attached alone."""
+    """16 requests at once, half streaming: 8 adapters, a merged sum, a stack, a mixture (routed per token, and one
+    per sequence), a per-request weighted composition and the bare base. Each greedy completion is token for token
+    what the model gives in-process with that adapter attached alone."""
     from hub.composition import compose
 
     hub, tokenizer, names = setup["hub"], setup["tokenizer"], setup["names"]
     weighted = [{"model": "a3", "weight": 0.7}, {"model": "a4", "weight": 0.3}]
     cases = [(name, None) for name in names] + [("merged", None), ("stacked", None), ("mix", None),
                                                  ("tiny", weighted), ("tiny", None), ("a0@prod", None),
-                                                 ("mix@1", None), ("a5", None)]
+                                                 ("mix@1", None), ("mix-seq", None)]
     assert len(cases) == 16
     before = server.metric("hub_batch_occupancy_rows_count")
     client = server.client()
@@ -315,6 +318,9 @@ def test_sampling_with_a_seed_repeats_and_stop_strings_cut_the_text(server: Serv
                                          top_p=0.9, seed=7).choices[0].text for _ in range(2)]
     assert sampled[0] == sampled[1]
     text, _, _ = complete(client, "a1", "hello world", stream=False, max_tokens=12)
+    # A temperature too small to divide the logits by (they would overflow to inf) samples greedily.
+    assert client.completions.create(model="a1", prompt="hello world", max_tokens=12, temperature=1e-45,
+                                     seed=7).choices[0].text == text
     words = text.split()
     stop = words[len(words) // 2]
     for stream in (False, True):
@@ -346,9 +352,13 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(server: ServerThread
     ({"model": "a0", "prompt": "hello", "n": 2}, 400, "n"),
     ({"model": "foreign", "prompt": "hello"}, 400, "adapter for base"),
     ({"model": "a0", "prompt": "hello " * 120, "max_tokens": 20}, 400, "maximum context length"),
+    ({"model": "a0", "prompt": "hello " * 130}, 400, "maximum context length is 128 tokens; the prompt alone has 130"),
+    ({"model": "a0", "prompt": "hello", "seed": 2**70, "temperature": 1}, 400, "seed"),
     ({"model": "a0", "prompt": [5, 999]}, 400, "token ids"),
     ({"model": "tiny", "prompt": "hi", "adapters": [{"model": "mix", "weight": 1}]}, 400, "mixture"),
-    ({"model": "mix-seq", "prompt": "hi"}, 400, "routes per sequence; the server gates per token"),
+    ({"model": "tiny", "prompt": "hi", "adapters": [{"model": "a0", "weight": 1e308}]}, 400, "adapters.0.weight"),
+    ({"model": "tiny", "prompt": "hi", "adapters": [{"model": "a0", "weight": 3e38}, {"model": "a1", "weight": 3e38}]},
+     400, "not finite"),
     ({"model": "a0", "prompt": "hi", "adapters": [{"model": "a1"}]}, 400, "must name the base"),
     ({"model": "a0@", "prompt": "hello"}, 400, ""),
     ({"prompt": "hello"}, 400, "model"),
@@ -367,6 +377,7 @@ def test_malformed_json_and_unknown_routes(server: ServerThread) -> None:
     response = httpx.post(f"{server.url}/v1/completions", content=b"{not json", timeout=10,
                           headers={"content-type": "application/json"})
     assert response.status_code == 400 and response.json()["error"]["message"] == "the request body is not valid JSON"
+    assert response.json()["error"]["param"] is None
     assert httpx.get(f"{server.url}/v1/nothing").json()["error"]["type"] == "invalid_request_error"
     from openai import NotFoundError
 
@@ -392,11 +403,62 @@ def test_load_and_unload_lora_adapter_like_vllm(server: ServerThread, setup: dic
     _, ids, _ = complete(server.client(), "local-a6", "the date is", stream=False)
     assert ids == reference(setup["model"], setup["hub"], "a6", prompt, 12)
     assert httpx.post(f"{server.url}/v1/load_lora_adapter", json={"lora_name": "a3@1"}).status_code == 200
+    # A name already served is refused, as vLLM does (replacing it would keep the first adapter attached for good).
+    for body in ({"lora_name": "local-a6", "lora_path": "a4"}, {"lora_name": "tiny", "lora_path": "a4"}):
+        taken = httpx.post(f"{server.url}/v1/load_lora_adapter", json=body)
+        assert taken.status_code == 400 and "unload it first" in taken.json()["error"]["message"]
+    _, ids, _ = complete(server.client(), "local-a6", "the date is", stream=False)
+    assert ids == reference(setup["model"], setup["hub"], "a6", prompt, 12)
     for name in ("local-a6", "a3@1"):
         assert httpx.post(f"{server.url}/v1/unload_lora_adapter", json={"lora_name": name}).status_code == 200
     again = httpx.post(f"{server.url}/v1/unload_lora_adapter", json={"lora_name": "local-a6"})
     assert again.status_code == 404 and "was not loaded" in again.json()["error"]["message"]
     assert httpx.post(f"{server.url}/v1/load_lora_adapter", json={"lora_name": "nope"}).status_code == 404
+
+
+def test_a_version_whose_file_is_missing_here_is_fetched_from_its_remote(
+        server: ServerThread, setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A teammate's version (shared registry, file not in this machine's store): the server fetches it from the
+    Hub repository it was pushed to, verified by digest, on first use."""
+    from hubserver import HubServer
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    hub, root = setup["hub"], setup["root"]
+    torch.manual_seed(11)
+    get_peft_model(LlamaForCausalLM.from_pretrained(setup["base"]), LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).save_pretrained(root / "teammate")
+    digest = hub.register(root / "teammate", name="teammate", base=setup["base"]).version.digest
+    prompt = setup["tokenizer"]("the date is").input_ids
+    expected = reference(setup["model"], hub, "teammate", prompt, 12)
+    with HubServer(tokens={"hf_serve_token": "team"}) as remote:
+        monkeypatch.setenv("HF_ENDPOINT", remote.url)
+        monkeypatch.setenv("HF_TOKEN", "hf_serve_token")
+        hub.push("teammate@1", "team/teammate")
+        hub.store.remove(digest)
+        assert digest not in hub.store
+        _, ids, _ = complete(server.client(), "teammate", "the date is", stream=False)
+    assert ids == expected and digest in hub.store
+
+
+def test_the_adapter_cache_holds_at_most_max_loaded_and_waits_for_room(setup: dict[str, Any]) -> None:
+    """--max-loaded 2 under 8 concurrent requests over 4 adapters: the least recently used idle adapter makes room,
+    a request whose adapter finds no idle slot waits for a running row (nothing is detached under a row), and every
+    answer still equals in-process generation; a version needing more adapters than that is refused."""
+    cases = [(f"a{1 + i % 4}", PROMPTS[i]) for i in range(8)]
+    with ServerThread(setup["hub"], base=str(setup["base"]), served_model_name="tiny", quantize=None, device="cpu",
+                      max_loaded=2, max_batch=4) as small:
+        client = small.client()
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda case: complete(client, case[0], case[1], stream=False)[1], cases))
+        stacked = httpx.post(f"{small.url}/v1/completions", json={"model": "stacked", "prompt": "hi"}, timeout=60)
+        metrics = httpx.get(f"{small.url}/metrics").text
+    assert stacked.status_code == 400 and "needs 3 adapters at once" in stacked.json()["error"]["message"]
+    assert 'hub_loaded_adapters 2.0' in metrics
+    evictions = [line for line in metrics.splitlines() if line.startswith('hub_adapter_cache_total{result="eviction"}')]
+    assert evictions and float(evictions[0].split()[-1]) >= 2
+    for (model, prompt), ids in zip(cases, answers, strict=True):
+        assert ids == reference(setup["model"], setup["hub"], model, setup["tokenizer"](prompt).input_ids, 12), model
 
 
 def test_metrics_count_requests_tokens_and_cache(server: ServerThread) -> None:

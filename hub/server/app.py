@@ -113,6 +113,13 @@ class Engine:
         log.info("serving %s as %r on %s (%s)", base.path, self.config.model_id, self.device,
                  self.config.quantize or "unquantized")
 
+    def check_new_name(self, name: str) -> None:
+        """Refuse a /v1/load_lora_adapter name already served by a load or as the base (as vLLM does: replacing it
+        would leave the first load's adapters attached for good). Raises InvalidRequest."""
+        if name in self.local or name == self.config.model_id:
+            what = "the served base" if name == self.config.model_id else "already loaded"
+            raise InvalidRequest(f"the LoRA adapter {name!r} is {what}: unload it first, or choose another lora_name")
+
     def ready(self) -> Engine:
         if self.state != "ready":
             reason = {"loading": "the model is still loading", "stopping": "the server is shutting down"}.get(
@@ -156,9 +163,12 @@ class Engine:
         max_tokens = body.max_tokens
         if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens is not None:
             max_tokens = body.max_completion_tokens
+        if prompt_tokens >= limit:
+            raise InvalidRequest(f"this model's maximum context length is {limit} tokens; the prompt alone has "
+                                 f"{prompt_tokens}")
         if max_tokens is None:
             max_tokens = limit - prompt_tokens
-        if prompt_tokens + max_tokens > limit or max_tokens < 1:
+        if prompt_tokens + max_tokens > limit:
             raise InvalidRequest(f"this model's maximum context length is {limit} tokens; the request has "
                                  f"{prompt_tokens} prompt tokens and asks for {max_tokens} more")
         return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
@@ -336,8 +346,14 @@ def create_app(hub: Hub, config: ServerConfig) -> FastAPI:
     @app.post("/v1/load_lora_adapter", dependencies=[Depends(authorized)])
     async def load_lora_adapter(body: LoadLoraAdapterRequest) -> PlainTextResponse:
         ready = engine.ready()
+        ready.check_new_name(body.lora_name)
         plan = await run_in_threadpool(_plan_for_load, ready, body)
         await asyncio.wrap_future(ready.scheduler.call(lambda: ready.cache.pin(plan)))
+        try:
+            ready.check_new_name(body.lora_name)  # a concurrent load of the same name may have won meanwhile
+        except InvalidRequest:
+            ready.scheduler.call(lambda: ready.cache.release(plan))
+            raise
         ready.local[body.lora_name] = plan
         log.info("loaded adapter %r (%s)", body.lora_name, body.lora_path or body.lora_name)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
@@ -348,7 +364,7 @@ def create_app(hub: Hub, config: ServerConfig) -> FastAPI:
         plan = ready.local.pop(body.lora_name, None)
         if plan is None:
             raise NotFound(f"the LoRA adapter {body.lora_name!r} was not loaded")
-        await asyncio.wrap_future(ready.scheduler.call(lambda: ready.cache.unpin(plan)))
+        await asyncio.wrap_future(ready.scheduler.call(lambda: ready.cache.release(plan)))
         log.info("unloaded adapter %r", body.lora_name)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
@@ -465,6 +481,8 @@ def _describe(exc: RequestValidationError) -> str:
 
 def _param(exc: RequestValidationError) -> str | None:
     errors = exc.errors()
+    if any(error.get("type") == "json_invalid" for error in errors):  # its loc is a character offset, not a field
+        return None
     loc = [str(p) for p in (errors[0].get("loc", ()) if errors else ()) if p != "body"]
     return ".".join(loc) or None
 

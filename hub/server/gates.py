@@ -10,7 +10,9 @@ A gated mixture's experts are columns too, but their weights change per token an
 layer the mixture routes, a hook computes its gate for the rows that run it, from that layer's input hidden
 states (as ``hub.composition.MixtureHandle`` does for a model with one mixture attached), and sets a per-token
 route [B, S, N] for that layer: the mixture rows' expert columns from the gate times the expert weights, every
-other row's weights as before. Several mixtures, and plain rows beside them, share the same forward.
+other row's weights as before. Several mixtures, and plain rows beside them, share the same forward. A
+sequence-routed mixture's gate is the mean of its logits over the prompt (each sequence's first forward, which the
+scheduler runs alone), kept in the row's ``gate_logits`` for every later token.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class _MixtureRows:
     rows: torch.Tensor  # row indices running this mixture
     columns: torch.Tensor  # the experts' gate columns
     weights: torch.Tensor  # the experts' member weights
+    memory: list[dict[str, torch.Tensor]]  # per row: a sequence-routed gate's prompt logits [1, N] by layer path
 
 
 class RowGates:
@@ -45,8 +48,10 @@ class RowGates:
         self._step: tuple[tuple[str, ...], torch.Tensor, list[_MixtureRows]] | None = None
 
     @contextlib.contextmanager
-    def rows(self, plans: Sequence[Plan], names: tuple[str, ...], device: torch.device) -> Iterator[None]:
-        """Route row i of the next forward through ``plans[i]``; ``names`` are the attached adapters (columns)."""
+    def rows(self, plans: Sequence[Plan], names: tuple[str, ...], device: torch.device,
+             memory: Sequence[dict[str, torch.Tensor]]) -> Iterator[None]:
+        """Route row i of the next forward through ``plans[i]``; ``names`` are the attached adapters (columns);
+        ``memory[i]`` holds row i's sequence-routed gates (filled by its first forward)."""
         if not names:  # nothing attached: every row runs the bare base
             yield
             return
@@ -66,7 +71,8 @@ class RowGates:
             mixtures.append(_MixtureRows(
                 mixture, torch.tensor(rows, device=device),
                 torch.tensor([column[attached_name(d)] for d, _ in mixture.experts], device=device),
-                torch.tensor([w for _, w in mixture.experts], dtype=weights.dtype, device=device)))
+                torch.tensor([w for _, w in mixture.experts], dtype=weights.dtype, device=device),
+                [memory[row] for row in rows]))
         self._step = (names, weights, mixtures) if mixtures else None
         try:
             with self.context.routed(names, weights, exclusive=True):
@@ -92,7 +98,11 @@ class RowGates:
                 mixture = group.mixture
                 if path not in mixture.layers:
                     continue
-                logits = mixture.gate(hidden[group.rows], mixture.layers.index(path))
+                index = mixture.layers.index(path)
+                if mixture.routing == "sequence":
+                    logits = _sequence_logits(group, hidden, index, path)
+                else:
+                    logits = mixture.gate(hidden[group.rows], index)
                 experts = gate_weights(logits, temperature=mixture.temperature, top_k=mixture.top_k)
                 block = routed[group.rows]
                 block[:, :, group.columns] = experts.to(routed.dtype) * group.weights
@@ -100,3 +110,16 @@ class RowGates:
             self.context.set(names, routed, exclusive=True)
 
         return hook
+
+
+def _sequence_logits(group: _MixtureRows, hidden: torch.Tensor, index: int, path: str) -> torch.Tensor:
+    """The rows' sequence-routed gate logits [R, 1, N] at one layer: at a sequence's first forward (its prompt, run
+    alone, unpadded) the mean of the per-token logits, remembered; afterwards the remembered ones."""
+    stored = [memory.get(path) for memory in group.memory]
+    if all(logits is not None for logits in stored):
+        return torch.stack(stored)
+    logits = group.mixture.gate(hidden[group.rows], index)
+    pooled = logits.sum(1, keepdim=True) / logits.shape[1]  # as MixtureHandle pools a prompt with no padding
+    for memory, row in zip(group.memory, pooled, strict=True):
+        memory[path] = row
+    return pooled

@@ -45,7 +45,8 @@ ATTACH_PREFIX = "serve-"
 
 @dataclass(frozen=True, eq=False)
 class MixturePlan:
-    """A gated mixture: experts (digest, member weight) and the gate that weights them per token and layer."""
+    """A gated mixture: experts (digest, member weight) and the gate that weights them per layer, and per token or
+    per sequence (``routing``, ``hub.composition.router``)."""
 
     digest: str
     experts: tuple[tuple[str, float], ...]
@@ -53,6 +54,7 @@ class MixturePlan:
     layers: tuple[str, ...]  # decoder layer paths, in the gate's layer order
     temperature: float
     top_k: int | None
+    routing: str = "token"
 
 
 @dataclass(frozen=True)
@@ -161,13 +163,10 @@ class Resolver:
             if mixture.router.kind != "layerwise":
                 raise InvalidRequest(f"{version.ref} has a {mixture.router.kind} router; the server runs layerwise "
                                      "mixtures (their gates need no second pass and no second KV cache)")
-            if mixture.router.routing != "token":
-                raise InvalidRequest(f"{version.ref} routes per {mixture.router.routing}; the server gates per token "
-                                     "(use it in Python: hub.activate)")
             gate = mixture.module.eval().requires_grad_(False)
             plan = MixturePlan(digest=version.digest, experts=tuple((m.digest, m.weight) for m in mixture.experts),
                                gate=gate, layers=tuple(mixture.layers), temperature=mixture.router.temperature,
-                               top_k=mixture.router.top_k)
+                               top_k=mixture.router.top_k, routing=mixture.router.routing)
             return Resolved(mixture=plan)
         return Resolved(members=((version.digest, 1.0),))
 
@@ -198,7 +197,6 @@ class AdapterCache:
     def __init__(self, model: torch.nn.Module, hub: Hub, max_loaded: int, metrics: Metrics):
         self.model, self.hub, self.max_loaded, self.metrics = model, hub, max_loaded, metrics
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
-        self._pinned: set[str] = set()  # loaded through /v1/load_lora_adapter: kept until unloaded
 
     def holds(self, digest: str) -> bool:
         # Read from request threads: a stale answer only means an artifact is read that was not needed, or read
@@ -234,23 +232,12 @@ class AdapterCache:
                 entry.users -= 1
 
     def pin(self, plan: Plan) -> None:
-        """Keep the plan's adapters attached until ``unpin`` (vLLM's load_lora_adapter)."""
+        """Keep the plan's adapters attached until ``release(plan)`` (vLLM's load_lora_adapter): one use each, like
+        a running row's, so adapters loaded under several names stay until the last of them is unloaded. Raises
+        InvalidRequest when every attached adapter is in use."""
         if not self.acquire(plan):
             raise InvalidRequest(f"no room to load {plan.model}: every attached adapter is in use (--max-loaded "
                                  f"{self.max_loaded}); try again later")
-        new = [digest for digest in plan.digests if digest not in self._pinned]
-        self._pinned.update(new)
-        for digest in plan.digests:  # one use per pin, not per load call
-            if digest not in new:
-                self._entries[digest].users -= 1
-
-    def unpin(self, plan: Plan) -> bool:
-        """Undo ``pin``; the adapters stay attached (detached later when room is needed). False if none was pinned."""
-        pinned = [digest for digest in plan.digests if digest in self._pinned]
-        for digest in pinned:
-            self._pinned.discard(digest)
-            self._entries[digest].users -= 1
-        return bool(pinned)
 
     def _make_room(self, count: int, keep: set[str]) -> bool:
         free = self.max_loaded - len(self._entries)

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 MAX_STOP_STRINGS = 16
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 class AdapterWeight(BaseModel):
@@ -21,7 +22,8 @@ class AdapterWeight(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     model: str = Field(min_length=1)
-    weight: float = Field(default=1.0, allow_inf_nan=False)
+    # Within float32, which the per-row gates hold.
+    weight: float = Field(default=1.0, ge=-FLOAT32_MAX, le=FLOAT32_MAX, allow_inf_nan=False)
 
 
 class StreamOptions(BaseModel):
@@ -36,7 +38,7 @@ class SamplingRequest(BaseModel):
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-2**63, le=2**63 - 1)  # what torch's generator takes (vLLM's bound)
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1

@@ -32,17 +32,21 @@ import torch
 
 from hub.errors import HubError
 from hub.server.batch import Batch, check_cache_layers
-from hub.server.errors import NotReady, Overloaded
+from hub.server.errors import InvalidRequest, NotReady, Overloaded
 from hub.server.gates import RowGates
 from hub.server.metrics import Metrics
 from hub.server.plans import AdapterCache, Plan
 
 log = logging.getLogger(__name__)
+# Temperatures below this sample greedily (vLLM's _SAMPLING_EPS): dividing logits by a smaller one overflows float32
+# to inf, whose softmax is NaN.
+GREEDY_BELOW = 1e-5
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """OpenAI's sampling fields: ``temperature`` 0 is greedy; ``seed`` makes sampling reproducible per request."""
+    """OpenAI's sampling fields: ``temperature`` 0 (or below ``GREEDY_BELOW``) is greedy; ``seed`` makes sampling
+    reproducible per request."""
 
     max_tokens: int
     temperature: float = 1.0
@@ -78,6 +82,7 @@ class Sequence:
         self.cancelled = False  # set by the HTTP side: the client left, or a stop string matched
         self.created = time.monotonic()
         self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        self.gate_logits: dict[str, torch.Tensor] = {}  # a sequence-routed mixture's prompt gates, per layer
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -209,7 +214,7 @@ class Scheduler:
         prompt = torch.tensor([sequence.prompt], device=self.device)
         cache = DynamicCache(config=self.model.config)
         try:
-            logits = self._forward([sequence.plan], cache, input_ids=prompt,
+            logits = self._forward([sequence], cache, input_ids=prompt,
                                    attention_mask=torch.ones_like(prompt),
                                    position_ids=torch.arange(prompt.shape[1], device=self.device).unsqueeze(0))
             if not self._cache_checked:
@@ -218,6 +223,9 @@ class Scheduler:
             token = self._sample(logits, [sequence])[0]
         except Exception as exc:
             self._fail(sequence, exc, release=True)
+            return
+        if token is None:
+            self._fail(sequence, _not_finite(), release=True)
             return
         self.metrics.prompt_tokens.inc(len(sequence.prompt))
         if self._emit(sequence, token):
@@ -231,7 +239,7 @@ class Scheduler:
         started = time.perf_counter()
         try:
             inputs = self.batch.inputs([row.last for row in rows])
-            logits = self._forward([row.plan for row in rows], self.batch.cache, **inputs)
+            logits = self._forward(rows, self.batch.cache, **inputs)
             self.batch.advanced()
             tokens = self._sample(logits, rows)
         except Exception as exc:
@@ -244,21 +252,30 @@ class Scheduler:
             return
         self.metrics.step.observe(time.perf_counter() - started)
         self.metrics.batch_rows.observe(len(rows))
-        done = [row for row, token in zip(rows, tokens, strict=True) if self._emit(row, token)]
-        self._leave(done)
+        broken = [row for row, token in zip(rows, tokens, strict=True) if token is None]
+        for row in broken:  # only those rows: the others' logits and cache columns are their own
+            self._fail(row, _not_finite())
+        done = [row for row, token in zip(rows, tokens, strict=True) if token is not None and self._emit(row, token)]
+        self._leave(done + broken)
 
-    def _forward(self, plans: list[Plan], cache: Any, **inputs: torch.Tensor) -> torch.Tensor:
+    def _forward(self, rows: list[Sequence], cache: Any, **inputs: torch.Tensor) -> torch.Tensor:
         """Last-position logits [B, vocab] of one forward, each row through its plan's gates."""
-        with self.gates.rows(plans, self.cache.names(), self.device):
+        with self.gates.rows([row.plan for row in rows], self.cache.names(), self.device,
+                             [row.gate_logits for row in rows]):
             out = self.model(**inputs, use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
         return out.logits[:, -1, :]
 
-    def _sample(self, logits: torch.Tensor, rows: list[Sequence]) -> list[int]:
+    def _sample(self, logits: torch.Tensor, rows: list[Sequence]) -> list[int | None]:
+        """Each row's next token; None for a row whose logits hold NaN or +inf (nothing sensible to sample)."""
         greedy = logits.argmax(dim=-1).tolist()
-        tokens = []
+        finite = (~(logits.isnan() | logits.isposinf()).any(dim=-1)).tolist()
+        tokens: list[int | None] = []
         for i, row in enumerate(rows):
             params = row.params
-            if params.temperature == 0:
+            if not finite[i]:
+                tokens.append(None)
+                continue
+            if params.temperature < GREEDY_BELOW:
                 tokens.append(greedy[i])
                 continue
             probs = torch.softmax(logits[i].float().cpu() / params.temperature, dim=-1)
@@ -318,3 +335,8 @@ class Scheduler:
             self._fail(self._waiting.popleft(), error)
         self.metrics.queue_depth.set(0)
         self.metrics.running.set(0)
+
+
+def _not_finite() -> InvalidRequest:
+    return InvalidRequest("the model's output for this request is not finite (NaN or infinite logits): its adapters "
+                          "or their weights overflow the served model")
