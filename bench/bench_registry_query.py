@@ -26,8 +26,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from alembic import command
+
 from hub.fingerprint import Fingerprint
 from hub.registry import Registry
+from hub.registry.database import alembic_config
 from hub.registry.models import AdapterRow, AliasRow, BaseNameRow, BaseRow, MetricRow, TagRow, VersionRow, utcnow
 
 BASES = [
@@ -39,14 +42,21 @@ BASES = [
 METHODS = ["lora"] * 6 + ["ia3", "loha", "lokr", "adalora"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 PER_ADAPTER = 10
+BULK_REVISION = "0004"  # the schema before the search index and its triggers
 CHUNK = 50_000  # versions per bulk insert: bounds the memory a million rows would take at once
 
 
 def populate(registry: Registry, n: int, seed: int = 0) -> None:
-    """``n`` versions by bulk inserts, in one transaction."""
+    """``n`` versions by bulk inserts, in one transaction.
+
+    The rows go into the tables as revision 0004 left them, and the upgrade to head then builds the search index
+    (0005) and the variants (0006) of all of them at once, as it does for an existing registry. Loading under the
+    search index's row triggers (one firing per version, tag and metric row) took 212 s for 20k versions on
+    PostgreSQL and 387 s for 100k on SQLite on this busy machine, against 20 s and 102 s this way."""
     rng = random.Random(seed)
     now = utcnow()
     with registry.engine.begin() as conn:
+        command.downgrade(alembic_config(connection=conn), BULK_REVISION)
         base_ids = []
         for i, fp in enumerate(BASES):
             base_id = conn.execute(BaseRow.__table__.insert().returning(BaseRow.id), dict(
@@ -79,6 +89,7 @@ def populate(registry: Registry, n: int, seed: int = 0) -> None:
             conn.execute(MetricRow.__table__.insert(), metrics)
             conn.execute(TagRow.__table__.insert(), tags)
             conn.execute(AliasRow.__table__.insert(), aliases)
+        command.upgrade(alembic_config(connection=conn), "head")
     if registry.engine.dialect.name == "postgresql":
         # What autovacuum would do shortly after such a load: statistics for the planner.
         with registry.engine.connect() as conn:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from sqlalchemy import event, text
 from test_registry import BASE, LORA8, OTHER, SAME_SHAPES, digest
 
 from cli.main import cli
-from hub.client import Hub
+from hub.client import Hub, Query
 from hub.errors import InvalidArtifact, QueryError
 from hub.fingerprint import Fingerprint
 from hub.formats import Adapter, write_adapter
@@ -372,16 +371,54 @@ def test_hub_import_and_paged_listing(tmp_path: Path, monkeypatch: pytest.Monkey
     assert runner.invoke(cli, ["list", "--limit", "x"]).exit_code == 2
 
 
-def test_bulk_registration_is_faster_than_one_by_one(tmp_path: Path) -> None:
-    folders = [lora_folder(tmp_path / "in", f"s{i}", i) for i in range(40)]
+def write_transactions(registry: Registry, call: Any) -> int:
+    """How many transactions that wrote rows ``call`` committed on ``registry``."""
+    wrote: dict[int, bool] = {}
+    committed = []
+
+    def begin(conn) -> None:
+        wrote[id(conn)] = False
+
+    def remember(conn, cursor, statement, parameters, context, executemany) -> None:
+        if statement.lstrip().upper().startswith("INSERT"):
+            wrote[id(conn)] = True
+
+    def commit(conn) -> None:
+        committed.append(wrote.pop(id(conn), False))
+
+    listeners = [("begin", begin), ("before_cursor_execute", remember), ("commit", commit)]
+    for name, fn in listeners:
+        event.listen(registry.engine, name, fn)
+    try:
+        call()
+    finally:
+        for name, fn in listeners:
+            event.remove(registry.engine, name, fn)
+    return sum(committed)
+
+
+def test_bulk_registration_takes_one_transaction_per_batch(tmp_path: Path) -> None:
+    """What makes hub import faster than registering one by one (bench/bench_registry_query.py measures it): a
+    transaction per batch, not per version; the versions are the same."""
+    folders = [lora_folder(tmp_path / "in", f"s{i}", i) for i in range(12)]
     one = Hub(home=tmp_path / "one")
-    start = time.perf_counter()
-    for folder in folders:
-        one.register(folder, name="s", base=BASE)
-    single = time.perf_counter() - start
+    assert write_transactions(one.registry, lambda: [one.register(f, name="s", base=BASE) for f in folders]) == 12
     many = Hub(home=tmp_path / "many")
-    start = time.perf_counter()
-    many.register_many(folders, base=BASE, name="s")
-    bulk = time.perf_counter() - start
-    assert [v.digest for v in one.list()] == [v.digest for v in many.list()]
-    assert bulk < single, (bulk, single)
+    assert write_transactions(many.registry, lambda: many.register_many(folders, base=BASE, name="s")) == 1
+    assert write_transactions(many.registry, lambda: many.register_many(folders, base=BASE, name="t",
+                                                                        batch_size=5)) == 3
+    assert [(v.number, v.digest) for v in one.list()] == [(v.number, v.digest) for v in many.list(Query(name="s"))]
+
+
+def test_rows_are_built_without_a_query_per_row(db_url: str) -> None:
+    """A page of 100 versions (each with metrics, tags, aliases, lineage) takes a handful of statements: a query per
+    segment of the order (exact, structural; with or without the sort metric) and one per related table."""
+    with Registry(db_url) as registry:
+        populate(registry)
+        registry.register("child", digest=digest("child"), spec=LORA8, config={}, size_bytes=1, base=BASE,
+                          base_name="b", lineage=[Parent(registry.list(limit=1)[0].name, 1, weight=1.0)])
+        for call in (lambda: registry.list(limit=100, include_yanked=True),
+                     lambda: registry.compatible(SHAPES_ONLY, sort="accuracy", limit=100, include_yanked=True)):
+            pages: list[Any] = []
+            statements = captured(registry, lambda call=call, pages=pages: pages.append(call()))
+            assert len(pages[0]) == 100 and len(statements) <= 15, [s for s, _ in statements]

@@ -123,6 +123,14 @@ def test_search_page(client: TestClient) -> None:
     assert 'id="no-results"' in client.get("/search", params={"q": "zzzunknownword"}).text
 
 
+def test_search_page_filters_by_base(client: TestClient, hub: Hub) -> None:
+    sibling = hub.get("style-ia3").base.weights_hash
+    found = client.get("/search", params={"q": "style", "base": sibling}).text
+    assert re.findall(r'class="version-link"[^>]*>([^<]+)<', found) == ["style-ia3@1"]
+    other = client.get("/search", params={"q": "style", "base": hub.get("math-lora").base.weights_hash}).text
+    assert 'id="no-results"' in other
+
+
 def test_compare_page(client: TestClient) -> None:
     page = client.get("/compare", params={"a": "math-lora@1", "b": "blend@1"})
     assert page.status_code == 200 and 'id="modules"' in page.text and "k_proj" in page.text
@@ -152,6 +160,7 @@ def test_html_in_descriptions_is_escaped(client: TestClient) -> None:
     ("/search?q=!!!", 400, "no words"),
     ("/search?q=lora&where=accuracy>>1", 400, ""),
     ("/search?q=lora&after=garbage", 400, "invalid cursor"),
+    ("/search?q=lora&yanked=maybe", 400, "query parameter &#39;yanked&#39;: Input should be a valid boolean"),
     ("/adapters/math-lora?after=xyz", 400, "invalid cursor"),
 ])
 def test_bad_requests_get_pages_not_tracebacks(client: TestClient, path: str, status: int, message: str) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import parse_qs, quote, urlencode
 
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from fastapi.routing import APIRoute
 from jinja2 import Environment, FileSystemLoader, select_autoescape
@@ -62,6 +63,8 @@ class PageRoute(APIRoute):
                 return error_page(request, 404, "Not found", str(exc))
             except DatabaseError as exc:
                 return error_page(request, 503, "Registry unavailable", str(exc))
+            except RequestValidationError as exc:  # a query parameter of the wrong type, e.g. yanked=maybe
+                return error_page(request, 400, "Bad request", _invalid_parameter(exc))
             except HubError as exc:
                 return error_page(request, 400, "Bad request", str(exc))
             except HTTPException:
@@ -122,13 +125,13 @@ def home(request: Request) -> HTMLResponse:
 
 
 @router.get("/search", name="search", response_class=HTMLResponse)
-def search(request: Request, q: str = "", method: str = "", tag: str = "", where: str = "", after: str = "",
-           yanked: bool = False) -> HTMLResponse:
-    filters = {"q": q, "method": method, "tag": tag, "where": where, "yanked": "1" if yanked else ""}
+def search(request: Request, q: str = "", method: str = "", base: str = "", tag: str = "", where: str = "",
+           after: str = "", yanked: bool = False) -> HTMLResponse:
+    filters = {"q": q, "method": method, "base": base, "tag": tag, "where": where, "yanked": "1" if yanked else ""}
     if not q.strip():
         return render(request, "search.html", filters=filters, hits=None, next_after=None)
-    query = Query(method=method or None, tags=tuple(tag.split()), where=tuple(where.split()),
-                  include_yanked=yanked, limit=PAGE, after=after or None)
+    query = Query(method=method or None, weights_hash=base.strip() or None, tags=tuple(tag.split()),
+                  where=tuple(where.split()), include_yanked=yanked, limit=PAGE, after=after or None)
     hits = state(request).hub.search(q, query)
     return render(request, "search.html", filters=filters, hits=hits, next_after=hits.next_after)
 
@@ -233,6 +236,12 @@ async def _form(request: Request) -> dict[str, str]:
 
 
 # -------------------------------------------------------------------------------------------------- helpers
+
+
+def _invalid_parameter(exc: RequestValidationError) -> str:
+    first = next(iter(exc.errors()), {})
+    name = first.get("loc", ("", "?"))[-1]
+    return f"query parameter {str(name)[:100]!r}: {first.get('msg', 'invalid value')}"
 
 
 def _edge_label(weight: float | None, strategy: str | None) -> str:
