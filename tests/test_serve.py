@@ -392,6 +392,10 @@ def test_the_registry_pages_are_served_beside_the_api(server: ServerThread, setu
     # The API keeps its own error format; the pages keep theirs.
     assert httpx.get(f"{server.url}/v1/nothing", timeout=10).json()["error"]["type"] == "invalid_request_error"
     assert httpx.get(f"{server.url}/ui/adapters/nope", timeout=10).status_code == 404
+    # Routing errors under /ui are pages too, not the API's JSON: no route at all (404), a form's route (405).
+    for path, status in (("/ui/no/such/page", 404), ("/ui/adapters/a0/1/extra", 405)):
+        page = httpx.get(f"{server.url}{path}", timeout=10)
+        assert page.status_code == status and page.headers["content-type"].startswith("text/html"), path
 
 
 def test_load_and_unload_lora_adapter_like_vllm(server: ServerThread, setup: dict[str, Any]) -> None:

@@ -278,6 +278,7 @@ def create_app(hub: Hub, config: ServerConfig) -> FastAPI:
     app.state.engine = engine
     # The registry's pages beside the API, in the same process (writes from the pages need the same key).
     from hub.web import mount
+    from hub.web.app import http_error_page
 
     mount(app, hub, api_key=config.api_key, prefix="/ui")
 
@@ -308,7 +309,9 @@ def create_app(hub: Hub, config: ServerConfig) -> FastAPI:
                             status_code=400)
 
     @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        if request.url.path == "/ui" or request.url.path.startswith("/ui/"):  # a person at a browser: a page
+            return http_error_page(request, exc)
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return JSONResponse(error_body(str(exc.detail), kind=kind), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))

@@ -282,6 +282,15 @@ def mount(app: FastAPI, hub: Hub, *, api_key: str | None = None, prefix: str = "
     app.include_router(router, prefix=prefix)
 
 
+def http_error_page(request: Request, exc: HTTPException) -> Response:
+    """The HTML page for a routing error (an unknown page 404, a wrong method 405) under the pages' prefix."""
+    if exc.status_code == 404:
+        return error_page(request, 404, "Not found", f"no page at {request.url.path[:200]}")
+    if exc.status_code == 405:
+        return error_page(request, 405, "Method not allowed", f"{request.method} is not allowed here")
+    return error_page(request, exc.status_code, "Error", str(exc.detail))
+
+
 def create_app(hub: Hub, *, api_key: str | None = None) -> FastAPI:
     """The pages alone (``hub ui``): no model is loaded. Unknown paths get an HTML 404 page."""
     app = FastAPI(title="adapter hub", docs_url=None, redoc_url=None, openapi_url=None)
@@ -289,11 +298,7 @@ def create_app(hub: Hub, *, api_key: str | None = None) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
-        if exc.status_code == 404:
-            return error_page(request, 404, "Not found", f"no page at {request.url.path[:200]}")
-        if exc.status_code == 405:
-            return error_page(request, 405, "Method not allowed", f"{request.method} is not allowed here")
-        return error_page(request, exc.status_code, "Error", str(exc.detail))
+        return http_error_page(request, exc)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> Response:
