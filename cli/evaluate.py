@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cli.output import print_json, print_table
+from cli.output import WholeNumber, print_json, print_table
 from cli.train import DEVICE_HELP, EVAL_COUNT, STRUCTURAL_HELP, parse_device
 from hub.client import SMOLLM2, Hub
 
@@ -14,7 +14,7 @@ from hub.client import SMOLLM2, Hub
 @click.option("--task", default=None, help="A built-in task (hub.tasks): its test split.")
 @click.option("--data", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="A JSONL file of prompt/completion pairs or chats.")
-@click.option("--count", type=click.IntRange(min=1), default=EVAL_COUNT, show_default=True,
+@click.option("--count", type=WholeNumber(min=1), default=EVAL_COUNT, show_default=True,
               help="Examples of --task's test split.")
 @click.option("--base", "base_name", default=SMOLLM2, show_default=True,
               help="Base folder or Hub model id ORG/NAME[@REVISION].")

@@ -20,7 +20,7 @@ import click
 
 from cli.compose import compose
 from cli.evaluate import evaluate_command
-from cli.output import print_json, print_table, version_rows
+from cli.output import WholeNumber, print_json, print_table, version_rows
 from cli.rank import rank
 from cli.serve import serve
 from cli.train import train
@@ -91,13 +91,6 @@ def metric_option(texts: tuple[str, ...]) -> list[Any]:
         raise click.BadParameter(str(exc), param_hint="--metric") from None
 
 
-def ascii_number(value: str | None, option: str) -> str | None:
-    """A whole number in ASCII digits (click's int also takes '١' and '1_0'); the registry checks its range."""
-    if value is not None and not (value.isascii() and value.isdigit()):
-        raise click.BadParameter(f"{value!r} is not a whole number", param_hint=option)
-    return value
-
-
 @click.group(cls=HubGroup)
 @click.version_option(package_name="adapter-hub")
 def cli() -> None:
@@ -157,24 +150,22 @@ def import_(directories: tuple[str, ...], base: str, name: str | None, metrics: 
 @click.option("--base", "weights_hash", default=None, help="Base weights_hash.")
 @click.option("--name", default=None, help="Only this adapter's versions.")
 @click.option("--method", default=None)
-@click.option("--min-rank", default=None, callback=lambda _c, _p, v: ascii_number(v, "--min-rank"),
-              help="Only versions of at least this rank.")
-@click.option("--max-rank", default=None, callback=lambda _c, _p, v: ascii_number(v, "--max-rank"),
-              help="Only versions of at most this rank.")
+@click.option("--min-rank", type=WholeNumber(), default=None, help="Only versions of at least this rank.")
+@click.option("--max-rank", type=WholeNumber(), default=None, help="Only versions of at most this rank.")
 @click.option("--where", "where", multiple=True, help="Metric condition such as 'accuracy>=0.8', repeatable.")
 @click.option("--tag", "tags", multiple=True)
 @click.option("--sort", default=None, help="Metric to sort by, best (highest) first; '-METRIC' for lowest first.")
 @click.option("--yanked", "--include-yanked", "include_yanked", is_flag=True, help="Include yanked versions.")
-@click.option("--limit", default=str(LIST_LIMIT), show_default=True,
-              callback=lambda _c, _p, v: ascii_number(v, "--limit"), help="Show at most this many versions.")
+@click.option("--limit", type=WholeNumber(), default=LIST_LIMIT, show_default=True,
+              help="Show at most this many versions.")
 @click.option("--after", default=None, help="Continue after this cursor (printed when more versions match).")
 @click.option("--all", "everything", is_flag=True, help="Every matching version, fetched page by page.")
 @click.option("--folders", is_flag=True, help="With --remote ORG/NAME[@REV]: the folders holding an adapter.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON array.")
 @click.option("--jsonl", "as_jsonl", is_flag=True, help="JSON Lines, one version per line, printed as they come.")
 def list_(compatible_with: str | None, remote_repo: str | None, weights_hash: str | None, name: str | None,
-          method: str | None, min_rank: str | None, max_rank: str | None, where: tuple[str, ...], tags: tuple[str, ...],
-          sort: str | None, include_yanked: bool, limit: str, after: str | None, everything: bool, folders: bool,
+          method: str | None, min_rank: int | None, max_rank: int | None, where: tuple[str, ...], tags: tuple[str, ...],
+          sort: str | None, include_yanked: bool, limit: int, after: str | None, everything: bool, folders: bool,
           as_json: bool, as_jsonl: bool) -> None:
     """List registered versions, optionally only those compatible with a base.
 
@@ -190,7 +181,7 @@ def list_(compatible_with: str | None, remote_repo: str | None, weights_hash: st
         raise click.UsageError("--json and --jsonl are two formats: choose one")
     query = Query(name=name, method=method, min_rank=min_rank, max_rank=max_rank, where=where, tags=tags, sort=sort,
                   include_yanked=include_yanked, weights_hash=weights_hash, after=after,
-                  limit=STREAM_PAGE if everything else int(limit))
+                  limit=STREAM_PAGE if everything else limit)
     base = hub.fingerprint(compatible_with) if compatible_with else None
     rows: list[tuple[Any, str | None]] = []  # (version, match kind)
     while True:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -10,6 +11,30 @@ import click
 
 if TYPE_CHECKING:
     from hub.client import VersionInfo
+
+
+# Whole numbers as typed: ASCII digits, at most 20 of them (int() would also read '١', '1_0' and ' 7').
+_WHOLE = re.compile(r"-?[0-9]{1,20}")
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+class WholeNumber(click.IntRange):
+    """click's IntRange, strict: ASCII digits only (click's INT reads '١' as 1) and within 64 bits even without
+    bounds, so no option means other than what was typed or overflows a C ``long long`` (torch's seeds)."""
+
+    name = "integer"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and not _WHOLE.fullmatch(value):
+            self.fail(f"{value!r} is not a whole number", param, ctx)
+        number = super().convert(value, param, ctx)
+        if not INT64_MIN <= number <= INT64_MAX:
+            self.fail(f"{number} is out of range", param, ctx)
+        return number
+
+    def _describe_range(self) -> str:
+        # Unbounded options show no "x<=None" in their help.
+        return "" if self.min is None and self.max is None else super()._describe_range()
 
 
 def print_json(data: Any) -> None:

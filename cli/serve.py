@@ -6,6 +6,7 @@ import os
 
 import click
 
+from cli.output import WholeNumber
 from cli.train import DEVICE_HELP, parse_device
 from hub.client import Hub
 
@@ -15,16 +16,16 @@ from hub.client import Hub
 @click.option("--quantize", type=click.Choice(["nf4", "int8", "none"]), default="nf4", show_default=True)
 @click.option("--device", default=None, callback=parse_device, help=DEVICE_HELP)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--port", type=WholeNumber(0, 65535), default=8000, show_default=True)
 @click.option("--served-model-name", default=None, help="The id clients name the base by (default: --base).")
 @click.option("--api-key", default=None, help="Require this bearer token on /v1 routes (default: $HUB_API_KEY).")
-@click.option("--max-loaded", type=click.IntRange(min=1), default=16, show_default=True,
+@click.option("--max-loaded", type=WholeNumber(min=1), default=16, show_default=True,
               help="Adapters attached at once; the least recently used unused one makes room.")
-@click.option("--max-batch", type=click.IntRange(min=1), default=16, show_default=True,
+@click.option("--max-batch", type=WholeNumber(min=1), default=16, show_default=True,
               help="Requests decoded together.")
-@click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
+@click.option("--max-queue", type=WholeNumber(min=1), default=64, show_default=True,
               help="Requests waiting beyond the batch; more are answered 429.")
-@click.option("--max-model-len", type=click.IntRange(min=2), default=None,
+@click.option("--max-model-len", type=WholeNumber(min=2), default=None,
               help="Prompt plus completion tokens per request (default: the model's context length).")
 @click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="Seconds running requests get to finish on SIGTERM/SIGINT.")

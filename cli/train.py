@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from cli.output import print_json
+from cli.output import WholeNumber, print_json
 from hub.client import SMOLLM2, Hub
 
 # torch and transformers are imported inside the command: `hub --help` and the registry commands stay fast.
@@ -51,7 +51,7 @@ def parse_option(text: str) -> tuple[str, Any]:
 @click.option("--data", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="Training JSONL: prompt/completion lines or chat messages.")
 @click.option("--task", default=None, help="A built-in task (hub.tasks) instead of --data.")
-@click.option("--examples", "train_count", type=click.IntRange(min=1), default=1000, show_default=True,
+@click.option("--examples", "train_count", type=WholeNumber(min=1), default=1000, show_default=True,
               help="How many examples of --task to train on.")
 @click.option("--base", "base_name", default=SMOLLM2, show_default=True,
               help=f"Base model folder, Hub model id ORG/NAME[@REVISION], or '{SMOLLM2}'.")
@@ -61,19 +61,19 @@ def parse_option(text: str) -> tuple[str, Any]:
 @click.option("--method", default="lora", show_default=True,
               help="A trainable method of the method table (docs/methods.md): lora, dora, adalora, denselora, "
                    "loha, lokr, ia3, prompt_tuning, prefix_tuning, bottleneck, bitfit, ln_tuning.")
-@click.option("--rank", type=int, default=None, help="Rank of the low-rank methods.")
+@click.option("--rank", type=WholeNumber(), default=None, help="Rank of the low-rank methods.")
 @click.option("--alpha", type=float, default=None, help="Scaling numerator of the low-rank methods.")
 @click.option("--targets", default=None, help="Comma-separated module names (default: the method's).")
-@click.option("--steps", type=int, default=None, help="Optimizer steps (default: the method's).")
-@click.option("--batch-size", type=int, default=None)
-@click.option("--grad-accum", type=int, default=None, help="Micro-batches per optimizer step.")
+@click.option("--steps", type=WholeNumber(), default=None, help="Optimizer steps (default: the method's).")
+@click.option("--batch-size", type=WholeNumber(), default=None)
+@click.option("--grad-accum", type=WholeNumber(), default=None, help="Micro-batches per optimizer step.")
 @click.option("--lr", type=float, default=None, help="Peak learning rate (default: the method's).")
-@click.option("--seed", type=int, default=None)
+@click.option("--seed", type=WholeNumber(), default=None)
 @click.option("--option", "options", multiple=True, help="Method option KEY=VALUE (JSON value), repeatable.")
 @click.option("--eval-task", default=None, help="Evaluate on this built-in task's test split and record metrics.")
 @click.option("--eval-data", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="Evaluate on this JSONL and record metrics.")
-@click.option("--eval-count", type=click.IntRange(min=1), default=EVAL_COUNT, show_default=True,
+@click.option("--eval-count", type=WholeNumber(min=1), default=EVAL_COUNT, show_default=True,
               help="Test examples of --eval-task.")
 @click.option("--tag", "tags", multiple=True, help="Tag, repeatable.")
 @click.option("--description", default=None)

@@ -6,7 +6,7 @@ import os
 
 import click
 
-from cli.output import print_json, print_table, version_rows
+from cli.output import WholeNumber, print_json, print_table, version_rows
 from hub.client import Hub, Query
 
 # Modules shown by `hub diff` without --json: the ones that differ most.
@@ -15,7 +15,7 @@ TOP_MODULES = 10
 
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--port", default=8765, show_default=True, type=WholeNumber(0, 65535))
 @click.option("--api-key", default=None, help="Allow alias moves and yanks from the pages to whoever gives this key "
                                               "(default $HUB_API_KEY; without one the pages are read-only).")
 @click.option("--json", "as_json", is_flag=True, help="Print the address as JSON when listening.")
@@ -39,7 +39,7 @@ def ui(host: str, port: int, api_key: str | None, as_json: bool) -> None:
 @click.option("--where", "where", multiple=True, help="Metric condition such as 'accuracy>=0.8', repeatable.")
 @click.option("--tag", "tags", multiple=True)
 @click.option("--all", "include_yanked", is_flag=True, help="Include yanked versions.")
-@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10_000))
+@click.option("--limit", default=50, show_default=True, type=WholeNumber(1, 10_000))
 @click.option("--after", default=None, help="The cursor a previous page printed, for the next page.")
 @click.option("--json", "as_json", is_flag=True)
 def search(text: str, method: str | None, weights_hash: str | None, where: tuple[str, ...], tags: tuple[str, ...],

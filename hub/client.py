@@ -115,7 +115,7 @@ class Evaluation:
 
 def parse_metric(text: str) -> Metric:
     """``accuracy=0.91`` or ``accuracy@gsm8k:test=0.91`` (dataset and split optional). Raises QueryError."""
-    match = METRIC_ARG.match(text)
+    match = METRIC_ARG.fullmatch(text)
     if not match:
         raise QueryError(f"metric {text!r} is not KEY[@DATASET[:SPLIT]]=VALUE")
     try:
@@ -197,8 +197,7 @@ class Hub:
         base_fp = self.fingerprint(base) if base is not None else None
         if base is not None:  # its shapes, checked against what the adapter's tensors need (hub.methods.fit)
             check_fit(adapter, base, cache_dir=self.settings.cache_dir)
-        if base_name is None and base is not None and not isinstance(base, Fingerprint):
-            base_name = str(base) if isinstance(base, (str, os.PathLike)) else getattr(base, "name_or_path", None)
+        base_name = _base_name(base, base_name)
         digest = adapter_digest(adapter)
         registry = self.registry  # opened before anything is stored: a database that cannot be opened stores nothing
 
@@ -243,8 +242,7 @@ class Hub:
         check_int(batch_size, "batch size", minimum=1)
         names = [name or _source_name(source) for source in sources]
         base_fp = self.fingerprint(base) if base is not None else None
-        if base_name is None and base is not None and not isinstance(base, Fingerprint):
-            base_name = str(base) if isinstance(base, (str, os.PathLike)) else getattr(base, "name_or_path", None)
+        base_name = _base_name(base, base_name)
         metric_list, tag_list = _metrics(metrics), tuple(tags)
         results: list[Registered] = []
         with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
@@ -429,12 +427,17 @@ class Hub:
         return delete_version(self.store, self.registry, ref, force=force)
 
     def gc(self, *, dry_run: bool = True) -> GcReport:
-        """What nothing needs: store artifacts no version refers to, abandoned staging folders and stale files of
-        the hub's download cache; listed (``dry_run``) or removed. Safe beside concurrent registrations."""
+        """What nothing needs: store artifacts no version refers to, abandoned staging folders, stale files of the
+        hub's download caches (partial downloads of killed pulls included) and temporary folders left by killed
+        pushes and base conversions; listed (``dry_run``) or removed. Safe beside concurrent registrations."""
         from hub.lifecycle import collect_garbage
 
-        return collect_garbage(self.store, self.registry, download_cache=self.settings.cache_dir / "hf",
-                               dry_run=dry_run)
+        cache = self.settings.cache_dir
+        # The hub's other temporary folders: a push's staging copy, a SmolLM2 conversion, a LoftQ-derived base.
+        temporaries = [cache / "tmp" / "push-*", cache / "bases" / ".tmp-*",
+                       self.settings.home / "bases" / ".loftq-*"]
+        return collect_garbage(self.store, self.registry, download_cache=cache / "hf",
+                               remote_downloads=cache / "remote", temporaries=temporaries, dry_run=dry_run)
 
     def lineage(self, ref: str) -> list[LineageEdge]:
         """Every ancestor edge of ``ref``, nearest first."""
@@ -664,6 +667,17 @@ def _warn_if_not_pushable(name: str) -> None:
     if problem:
         log.warning("the name %r %s, so it cannot be a Hub repository name: push it with --repo ORG/OTHER-NAME",
                     name, problem)
+
+
+def _base_name(base: BaseLike | None, base_name: str | None) -> str | None:
+    """The name a version records for its base: ``base_name``, else the base as given. A folder on this machine is
+    recorded by its absolute path: a relative one (``models/tiny``) reads as a Hub model id from any other folder or
+    machine, and would reach a pushed card as ``base_model``."""
+    if base_name is None and base is not None and not isinstance(base, Fingerprint):
+        base_name = str(base) if isinstance(base, (str, os.PathLike)) else getattr(base, "name_or_path", None)
+    if isinstance(base_name, str) and base_name and os.path.exists(os.path.expanduser(base_name)):
+        return os.path.abspath(os.path.expanduser(base_name))
+    return base_name
 
 
 def _read_and_digest(source: str | os.PathLike[str] | Adapter) -> tuple[Adapter, str]:

@@ -12,10 +12,14 @@ The rules that keep every registered version's artifact in the store (hub.store 
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import errno
 import fcntl
+import hashlib
 import os
+import shutil
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +27,7 @@ from typing import Any, TypeVar
 
 from hub.registry import Deleted, Registry
 from hub.registry.service import member_digests
-from hub.store import Store
+from hub.store import UNLOCKED_STAGING_AGE_S, Store, tree_size
 
 T = TypeVar("T")
 
@@ -112,11 +116,14 @@ def delete_version(store: Store, registry: Registry, ref: str, *, force: bool = 
 
 
 def collect_garbage(store: Store, registry: Registry, *, download_cache: Path | None = None,
+                    remote_downloads: Path | None = None, temporaries: Iterable[Path] = (),
                     dry_run: bool = True) -> GcReport:
     """Find (``dry_run``) or remove what nothing needs: store artifacts no version refers to (neither as its
-    artifact nor as a composition member), staging folders that no live writer holds, and in ``download_cache``
+    artifact nor as a composition member), staging folders that no live writer holds, in ``download_cache``
     (the hub's own Hugging Face download cache, ``HUB_HOME/cache/hf``) blobs no snapshot links to and partial
-    downloads no live process holds.
+    downloads no live process holds, in ``remote_downloads`` (where pulls download, ``HUB_HOME/cache/remote``)
+    partial files of pulls killed mid-download, and the folders matching the glob patterns ``temporaries`` (the
+    hub's other temporary folders: a push's staging copy, a base being converted) untouched for an hour.
 
     Safe while other processes register, pull or collect: an artifact is removed only under its exclusive lock
     after the registry says, at that moment, that nothing refers to it; what a writer holds is skipped (a dry
@@ -135,6 +142,9 @@ def collect_garbage(store: Store, registry: Registry, *, download_cache: Path | 
             found.append((entry, lambda s=staging: store.remove_staging(s)))
     if download_cache is not None:
         found.extend(_download_garbage(Path(download_cache)))
+    if remote_downloads is not None:
+        found.extend(_partial_pulls(Path(remote_downloads)))
+    found.extend(_old_temporaries(temporaries))
 
     if dry_run:
         # In a dry run, leave out what a writer holds right now: it is about to be referenced.
@@ -149,6 +159,37 @@ def collect_garbage(store: Store, registry: Registry, *, download_cache: Path | 
             removed.append(GcEntry(entry.kind, entry.path, size, entry.digest))
     store.prune_lock_files()
     return GcReport(False, removed, kept)
+
+
+def _old_temporaries(patterns: Iterable[Path]) -> list[tuple[GcEntry, Callable[[], int | None]]]:
+    """Folders matching ``patterns`` whose newest change is over an hour old. Their writers (a push, a base
+    conversion) take no lock, and none of them leaves a folder untouched that long while it runs."""
+    found = []
+    for pattern in patterns:
+        for folder in sorted(Path(pattern.parent).glob(pattern.name)) if pattern.parent.is_dir() else ():
+            if folder.is_symlink() or not folder.is_dir() or _idle_s(folder) <= UNLOCKED_STAGING_AGE_S:
+                continue
+            entry = GcEntry(STAGING, str(folder), tree_size(folder))
+            found.append((entry, lambda f=folder: _remove_idle(f)))
+    return found
+
+
+def _idle_s(folder: Path) -> float:
+    """Seconds since anything in ``folder`` (or the folder itself) last changed."""
+    newest = 0.0
+    for path in (folder, *folder.rglob("*")):
+        with contextlib.suppress(OSError):
+            newest = max(newest, path.lstat().st_mtime)
+    return time.time() - newest
+
+
+def _remove_idle(folder: Path) -> int | None:
+    """Remove ``folder`` unless something in it changed since it was listed; None (kept) then."""
+    if _idle_s(folder) <= UNLOCKED_STAGING_AGE_S:
+        return None
+    size = tree_size(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    return size
 
 
 # ------------------------------------------------------------------------------------- the Hub download cache
@@ -202,6 +243,36 @@ def _lock_held(lock: Path) -> bool:
     finally:
         os.close(fd)
     return False
+
+
+def _partial_pulls(root: Path) -> list[tuple[GcEntry, Callable[[], int | None]]]:
+    """Partial files that killed pulls left in the hub's download folders (``hub.remote.paths.Downloads``, which
+    use huggingface_hub's ``local_dir`` mode): ``commits/<commit>/.cache/huggingface/download/**/*.incomplete``,
+    each written under the flock of its file's ``.lock`` beside it, so one whose lock is free is abandoned."""
+    if not root.is_dir():
+        return []
+    found = []
+    for partial in sorted(root.glob(f"*/*/commits/*/.cache/huggingface/download/**/*{INCOMPLETE}")):
+        if partial.is_symlink() or not partial.is_file():
+            continue
+        lock = _local_dir_lock(partial)
+        if _lock_held(lock):
+            continue
+        entry = GcEntry(DOWNLOAD, str(partial), partial.stat().st_size)
+        found.append((entry, lambda b=partial, lk=lock: _remove_blob(b.parent, b, lk)))
+    return found
+
+
+def _local_dir_lock(partial: Path) -> Path:
+    """The lock huggingface_hub holds while it writes ``partial`` (``<hash>.<etag>.incomplete``): the ``<file>.lock``
+    beside it whose ``<file>.metadata`` name hashes to ``<hash>`` (sha1, URL-safe base64: its ``_short_hash``).
+    A partial file whose lock is gone gets a fresh lock name, which no download holds."""
+    prefix = partial.name.split(".", 1)[0]
+    for lock in partial.parent.glob("*.lock"):
+        metadata = f"{lock.name[:-len('.lock')]}.metadata"
+        if base64.urlsafe_b64encode(hashlib.sha1(metadata.encode()).digest()).decode() == prefix:
+            return lock
+    return partial.with_name(f"{partial.name}.lock")
 
 
 def _remove_blob(repo: Path, blob: Path, lock: Path) -> int | None:

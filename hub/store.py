@@ -141,7 +141,7 @@ class Store:
         try:
             if referenced is not None and referenced(digest):
                 return None
-            size = _size(folder)
+            size = tree_size(folder)
             _remove_tree(folder)
             # Lockers check that the file they locked is still the one at the path, so unlinking it here is safe.
             _lock_path_unlink(self._lock_path(digest))
@@ -185,7 +185,7 @@ class Store:
 
     def size(self, digest: str) -> int:
         """Bytes the artifact takes on disk (0 when absent)."""
-        return _size(self.path(digest))
+        return tree_size(self.path(digest))
 
     # ---------------------------------------------------------------------------------------- staging folders
 
@@ -202,7 +202,7 @@ class Store:
                 digest = match["digest"] if match else None
                 # A digest in the name: abandoned when its lock is free. None: an older release's, judged by age.
                 abandoned = not self.is_held(digest) if digest else _age(folder) > UNLOCKED_STAGING_AGE_S
-                found.append(Staging(folder, digest, _size(folder), abandoned))
+                found.append(Staging(folder, digest, tree_size(folder), abandoned))
         return found
 
     def remove_staging(self, staging: Staging) -> int | None:
@@ -210,14 +210,14 @@ class Store:
         if staging.digest is None:
             if _age(staging.path) <= UNLOCKED_STAGING_AGE_S:
                 return None
-            size = _size(staging.path)
+            size = tree_size(staging.path)
             shutil.rmtree(staging.path, ignore_errors=True)
             return size
         fd = self._lock(staging.digest, fcntl.LOCK_EX | fcntl.LOCK_NB)
         if fd is None:
             return None
         try:
-            size = _size(staging.path)
+            size = tree_size(staging.path)
             shutil.rmtree(staging.path, ignore_errors=True)
             return size
         finally:
@@ -301,7 +301,7 @@ def _reason(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
-def _size(path: Path) -> int:
+def tree_size(path: Path) -> int:
     """Bytes of the regular files under ``path`` (0 when it does not exist)."""
     total = 0
     for dirpath, _dirs, files in os.walk(path):

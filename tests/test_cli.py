@@ -281,6 +281,11 @@ def test_errors_are_one_line_exit_1_and_write_nothing(args: list[str], database_
     ["register", "{lora4}", "--name", "x", "--base", "{base}", "--metric", "accuracy=high"],
     ["register", "{lora4}", "--name", "x", "--base", "{base}", "--metric", "@date=0.5"],
     ["list", "--min-rank", "eight"],
+    # click's int read '١' as 1 and '1_0' as 10; a seed past 64 bits overflowed inside torch (internal error).
+    ["compose", "date@1", "date@2", "--strategy", "svd", "--rank", "١", "--name", "x"],
+    ["compose", "date@1", "date@2", "--strategy", "dare_linear", "--density", "0.5", "--seed",
+     "99999999999999999999", "--name", "x"],
+    ["train", "x", "--task", "date", "--base", "{base}", "--steps", "1_0"],
     ["list", "--bogus"],
     ["show"],
     ["export", "date@1"],

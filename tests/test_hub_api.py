@@ -82,6 +82,12 @@ def test_lifecycle_verbs_on_hub_and_cli_agree(hub_home: Path, folders: dict[str,
     assert [v.ref for v in hub.list()] == ["date@1"]
     assert [v.ref for v in hub.list(Query(include_yanked=True))] == ["date@1", "date@2"]
 
+    # Aliases become tags on a pushed repo: none may move a version tag, shadow a branch or be refused by git.
+    for bad in ("v1", "main", "Master", "HEAD", "x.lock", "a..b", "prod."):
+        result = CliRunner().invoke(cli, ["alias", "date@2", bad])
+        assert result.exit_code == 1 and result.output.count("\n") == 1 and bad in result.output
+    assert hub.get("date@2").aliases == [] and hub.get("date@1").aliases == []
+
 
 def test_show_json_says_where_a_version_was_pushed(hub_home: Path, folders: dict[str, Path]) -> None:
     hub = Hub()

@@ -41,29 +41,40 @@ def hub(tmp_path: Path) -> Hub:
 
 
 def test_a_failed_registration_never_removes_what_a_concurrent_one_commits(hub: Hub) -> None:
-    """Issue 10, step by step: B stores the artifact and is about to commit; A, registering the same content with
-    a bad tag, fails and cleans up. A's clean-up must leave the artifact that B's version points to."""
+    """Issue 10, step by step: A stores an artifact, then its registration fails in the database (a lineage parent
+    that does not exist); meanwhile B registers the same content and sits between its store write and its commit.
+    A's clean-up (of an artifact A did add) must leave what B's version is about to point to."""
     adapter = lora(0)
     digest = adapter_digest(adapter)
-    b_stored, a_done = threading.Event(), threading.Event()
+    a_stored, b_stored, a_done = threading.Event(), threading.Event(), threading.Event()
     registry = hub.registry
+    fields = {"digest": digest, "spec": adapter.spec, "config": adapter.config, "size_bytes": adapter.size_bytes,
+              "base": None, "base_name": None}
+
+    def a_register():
+        assert b_stored.wait(30)
+        return registry.register("a", lineage=[Parent("missing", 1)], **fields)
 
     def b_register():
         b_stored.set()
         assert a_done.wait(30)  # A fails and cleans up while B holds the artifact between store and commit
-        return registry.register("m", digest=digest, spec=adapter.spec, config=adapter.config,
-                                 size_bytes=adapter.size_bytes, base=None, base_name=None)
+        return registry.register("b", **fields)
 
-    b = threading.Thread(target=lambda: store_and_register(
-        hub.store, registry, digest, lambda: hub.store.put(adapter, digest=digest), b_register))
+    def a_put():
+        hub.store.put(adapter, digest=digest)
+        a_stored.set()
+
+    b = threading.Thread(target=lambda: (a_stored.wait(30), store_and_register(
+        hub.store, registry, digest, lambda: hub.store.put(adapter, digest=digest), b_register)))
     b.start()
-    assert b_stored.wait(30)
-    with pytest.raises(InvalidArtifact, match="invalid tag"):
-        hub.register(adapter, name="m", base=None, tags=["bad tag"])
+    with pytest.raises(NotFound, match="lineage parent missing@1"):
+        store_and_register(hub.store, registry, digest, a_put, a_register)
     a_done.set()
     b.join(30)
-    assert hub.get("m@1").digest == digest
-    assert hub.store.get(digest, verify=True).config == hub.store.get(digest).config
+    assert hub.get("b@1").digest == digest
+    assert hub.store.get(digest, verify=True).config == adapter.config
+    with pytest.raises(NotFound):
+        hub.get("a@1")
 
 
 def test_a_failed_registration_removes_the_artifact_it_added_and_nothing_else(hub: Hub) -> None:
@@ -222,6 +233,88 @@ def test_gc_of_the_download_cache(hub: Hub, tmp_path: Path) -> None:
         assert sorted(p.name for p in (repo / "blobs").iterdir()) == ["linked", "live.5678abcd.incomplete"]
     finally:
         os.close(live_lock)
+
+
+def _pull_killed_mid_download(hub_home: str, endpoint: str) -> None:
+    """A pull that gets SIGKILL after the first bytes of the weights reach their partial file."""
+    import huggingface_hub.file_download as hf_download
+
+    from hub.remote import Remote
+
+    real_http_get = hf_download.http_get
+
+    def http_get(url: str, temp_file, **options):  # noqa: ANN001, ANN202 - huggingface_hub's signature
+        if not url.endswith(".safetensors"):
+            return real_http_get(url, temp_file, **options)
+        temp_file.write(b"partial weights")
+        temp_file.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    hf_download.http_get = http_get
+    Remote(Hub(home=hub_home), endpoint=endpoint, token="hf_gc").pull("alice/m", "v1")
+
+
+def test_a_pull_killed_mid_download_leaves_a_partial_file_that_gc_reclaims(hub: Hub, tmp_path: Path) -> None:
+    from hubserver import HubServer
+
+    from hub.remote import Remote
+
+    with HubServer(tokens={"hf_gc": "alice"}) as server:
+        Remote(hub, endpoint=server.url, token="hf_gc").push(hub.register(lora(7), name="m", base=None).version.ref,
+                                                            "alice/m")
+        home = tmp_path / "puller"
+        child = multiprocessing.get_context("fork").Process(target=_pull_killed_mid_download,
+                                                            args=(str(home), server.url))
+        child.start()
+        child.join(60)
+        assert child.exitcode == -signal.SIGKILL
+        puller = Hub(home=home)
+        [partial] = (home / "cache" / "remote").rglob("*.incomplete")
+        [lock] = partial.parent.glob("adapter_model.safetensors.lock")
+
+        held = os.open(lock, os.O_RDWR)
+        fcntl.flock(held, fcntl.LOCK_EX)  # a live download of that file holds its lock: not garbage
+        try:
+            assert puller.gc().entries == []
+        finally:
+            os.close(held)
+        listed = puller.gc()
+        assert [(e.kind, e.path, e.size_bytes) for e in listed.entries] == [(DOWNLOAD, str(partial), 15)]
+        assert puller.gc(dry_run=False).entries == listed.entries and not partial.exists()
+        assert Remote(puller, endpoint=server.url, token="hf_gc").pull("alice/m", "v1").version.ref == "m@1"
+        assert puller.gc().entries == []
+
+
+def _push_killed_mid_upload(hub_home: str, endpoint: str) -> None:
+    """A push that gets SIGKILL once its staging copy of the version is written, as the upload starts."""
+    from huggingface_hub import HfApi
+
+    from hub.remote import Remote
+
+    HfApi.upload_folder = lambda *_args, **_options: os.kill(os.getpid(), signal.SIGKILL)
+    Remote(Hub(home=hub_home), endpoint=endpoint, token="hf_gc").push("m@1", "alice/m")
+
+
+def test_a_push_killed_mid_upload_leaves_a_staging_copy_that_gc_reclaims_once_idle(hub: Hub) -> None:
+    from hubserver import HubServer
+
+    hub.register(lora(8), name="m", base=None)
+    with HubServer(tokens={"hf_gc": "alice"}) as server:
+        child = multiprocessing.get_context("fork").Process(target=_push_killed_mid_upload,
+                                                            args=(str(hub.settings.home), server.url))
+        child.start()
+        child.join(60)
+    assert child.exitcode == -signal.SIGKILL
+    [staging] = (hub.settings.cache_dir / "tmp").glob("push-*")
+    assert (staging / "adapter_model.safetensors").is_file()
+    assert hub.gc().entries == []  # it may be a push still uploading: its writer holds no lock, so age decides
+    hour_ago = time.time() - 3700
+    for path in (staging, *staging.iterdir()):
+        os.utime(path, (hour_ago, hour_ago))
+    listed = hub.gc()
+    assert [(e.kind, e.path) for e in listed.entries] == [(STAGING, str(staging))] and listed.size_bytes > 0
+    assert hub.gc(dry_run=False).entries == listed.entries and not staging.exists()
+    assert hub.gc().entries == [] and hub.store.get(hub.get("m@1").digest, verify=True)
 
 
 # ---------------------------------------------------------------------------------------------- store failures

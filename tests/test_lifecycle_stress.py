@@ -18,17 +18,21 @@ import pytest
 import torch
 
 from hub.client import Hub
-from hub.errors import HubError, InvalidArtifact
+from hub.errors import HubError, InvalidArtifact, NotFound
 from hub.formats import Adapter
 from hub.lifecycle import ARTIFACT, STAGING, collect_garbage, delete_version
-from hub.registry import Registry
+from hub.registry import Parent, Registry
 from hub.store import Store
 
 WORKERS = 8
 DURATION_S = 20.0
 SEEDS = 12  # few distinct artifacts: workers keep colliding on the same digests
+FRESH_SEEDS = 1000  # and above: content new to the store
 NAMES = ("alpha", "beta", "gamma", "delta", "epsilon", "zeta")
-FAIL_RATE = 0.35  # registrations given a bad tag: refused by the registry after the artifact was stored
+# Failing registrations: half give a bad tag (refused before anything is stored), half name a lineage parent that
+# does not exist (refused by the database after the artifact was stored: the clean-up path that raced).
+FAIL_RATE = 0.35
+MISSING_PARENT = Parent("no-such-parent", 1)
 DELETE_RATE = 0.2  # deletions: their artifacts become garbage while others register the same content again
 KILL_EVERY_S = (0.3, 1.2)
 
@@ -43,19 +47,26 @@ def adapter(seed: int) -> Adapter:
     return Adapter(config=config, tensors=tensors)
 
 
+def content(rng: random.Random) -> Adapter:
+    """One of the few adapters the workers keep colliding on or, half the time, the one new to the store that every
+    worker acting in the same quarter second picks: a registration that fails then has added an artifact that a
+    concurrent one is registering (the race)."""
+    return adapter(rng.randrange(SEEDS) if rng.random() < 0.5 else FRESH_SEEDS + int(time.time() * 4))
+
+
 def worker(home: str, url: str, seed: int, stop_at: float, log: str) -> None:
     """Register, fail and delete at random until ``stop_at``; one line per outcome in ``log``."""
     rng = random.Random(seed)
     hub = Hub(home=home, database_url=url)
-    registry_register = hub.registry.register
+    registry_register_many = hub.registry.register_many
 
-    def slow_register(*args: object, **options: object) -> object:
+    def slow_register_many(*args: object, **options: object) -> object:
         # A slow database: widens the time between storing an artifact and committing its version, where
         # another process's clean-up or collection could strike.
         time.sleep(rng.uniform(0, 0.02))
-        return registry_register(*args, **options)
+        return registry_register_many(*args, **options)
 
-    hub.registry.register = slow_register  # type: ignore[method-assign]
+    hub.registry.register_many = slow_register_many  # type: ignore[method-assign]
     with open(log, "a") as out:
         while time.time() < stop_at:
             name = rng.choice(NAMES)
@@ -69,10 +80,20 @@ def worker(home: str, url: str, seed: int, stop_at: float, log: str) -> None:
                         hub.registry.delete(rng.choice(versions).ref, force=True)
                         out.write("deleted\n")
                 elif rng.random() < FAIL_RATE:
-                    hub.register(adapter(rng.randrange(SEEDS)), name=name, base=None, tags=["bad tag"])
-                    out.write("unexpected success\n")
+                    if rng.random() < 0.5:
+                        hub.register(content(rng), name=name, base=None, tags=["bad tag"])
+                        out.write("unexpected success\n")
+                    else:
+                        try:
+                            # A line of its own, which never gets a version: the same content again under a
+                            # registered line would return that version instead of failing.
+                            hub.register(content(rng), name="never", base=None,
+                                         lineage=[MISSING_PARENT])
+                            out.write("unexpected success\n")
+                        except NotFound:
+                            out.write("failed-after-store\n")
                 else:
-                    version = hub.register(adapter(rng.randrange(SEEDS)), name=name, base=None, tags=["ok"]).version
+                    version = hub.register(content(rng), name=name, base=None, tags=["ok"]).version
                     out.write("registered\n")
                     # Audited at once: a later registration of the same content would fill a hole again. Under
                     # the digest's lock no removal can run, so "referenced but absent" is a real hole.
@@ -108,6 +129,7 @@ def test_registrations_failures_kills_and_gc_never_lose_an_artifact(tmp_path: Pa
     home, logs = tmp_path / "home", tmp_path / "logs"
     logs.mkdir()
     Registry(stress_url).close()  # the schema exists before the processes start
+    adapter(0)  # its method's modules (transformers among them) imported once here, not again in every fork
     context = multiprocessing.get_context("fork")  # no re-import of torch per process, so kills are cheap
     stop_at = time.time() + DURATION_S
     rng = random.Random(0)
@@ -138,9 +160,11 @@ def test_registrations_failures_kills_and_gc_never_lose_an_artifact(tmp_path: Pa
 
     outcomes = [line.split()[0] for path in logs.iterdir() for line in path.read_text().splitlines()]
     registered, failed, deleted = outcomes.count("registered"), outcomes.count("failed"), outcomes.count("deleted")
+    failed_after_store = outcomes.count("failed-after-store")
     collections = [line.split() for line in (logs / "gc").read_text().splitlines()]
     assert "unexpected" not in outcomes and "missing" not in outcomes
-    assert registered > 30 and failed > 10 and deleted > 5 and kills >= 10 and len(collections) > 10
+    assert registered > 30 and failed > 10 and failed_after_store > 10 and deleted > 5 and kills >= 10
+    assert len(collections) > 10
 
     store = Store(home / "store")
     with Registry(stress_url) as registry:
@@ -160,7 +184,8 @@ def test_registrations_failures_kills_and_gc_never_lose_an_artifact(tmp_path: Pa
         for version in registry.list(include_yanked=True):
             store.get(version.digest, verify=True)
     print(f"\nstress ({stress_url.split(':')[0]}): {WORKERS} workers + 1 collector, {DURATION_S:.0f} s, "
-          f"{registered} registrations, {failed} injected failures, {deleted} deletions, {kills} kills, "
+          f"{registered} registrations, {failed} + {failed_after_store} injected failures (before / after the store "
+          f"write), {deleted} deletions, {kills} kills, "
           f"{len(collections)} collections removed {sum(int(c[1]) for c in collections)} entries "
           f"({sum(int(c[2]) for c in collections)} bytes) and kept {sum(int(c[3]) for c in collections)} that a "
           f"writer held, during the run; {len(versions)} versions at the end, "

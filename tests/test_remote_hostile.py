@@ -281,6 +281,10 @@ def test_repo_with_too_many_files_is_refused(tmp_path, server, target):
     ({"metrics": [{"key": "accuracy", "value": "0.9"}]}, r"metrics\[0\]\.value: expected a number, got string"),
     ({"number": "1"}, r"adapter_hub\.number: expected a whole number"),
     ({"lineage": [{"name": "p", "number": 1, "evil": True}]}, r"lineage\[0\]: unexpected keys evil"),
+    # Past the registry's limits: refused as the card's field, not later as a bare reference error.
+    ({"number": 2**31}, r"adapter_hub\.number: 2147483648 is not a version number"),
+    ({"lineage": [{"name": "bad name", "number": 1}]}, r"lineage\[0\]: 'bad name'@1 is not a version reference"),
+    ({"lineage": [{"name": "p", "number": 10**20}]}, r"lineage\[0\]: 'p'@100000000000000000000 is not a version"),
     ({"tags": [1]}, r"tags\[0\]: expected a string"),
     ({"base": ["x"]}, r"adapter_hub\.base: expected a mapping"),
 ])

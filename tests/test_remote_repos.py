@@ -15,7 +15,7 @@ from huggingface_hub import HfApi
 from test_remote_hostile import BASE, TOKEN, hub_card, peft_files, tiny_lora
 
 from hub.client import Hub
-from hub.errors import Conflict, HubError, QueryError
+from hub.errors import Conflict, HubError, NotFound, QueryError
 from hub.formats import adapter_digest
 from hub.registry import Metric
 from hub.remote import Remote, hub_repo_name_problem, model_card, parse_remote_ref
@@ -70,10 +70,13 @@ def test_skipped_alias_helper_refuses_version_tags_branches_and_refs():
     assert "version tag" in alias_tag_problem("v3", set())
     assert "branch" in alias_tag_problem("dev", {"main", "dev"})
     assert "git ref" in alias_tag_problem("HEAD", set())
+    assert "git does not accept" in alias_tag_problem("x.lock", set())
     assert alias_tag_problem("prod", {"main"}) is None
 
 
-def test_local_base_path_never_reaches_the_repo(tmp_path, server, source):
+def test_local_base_path_never_reaches_the_repo(tmp_path, server, source, monkeypatch):
+    # Pushed from another folder, where the relative "models/base" it was registered with reads as a Hub id.
+    monkeypatch.chdir(tmp_path / "models")
     Remote(source, endpoint=server.url, token=TOKEN).push("a@1", "alice/a")
     files = server.files("alice/a", "v1")
     card = files["README.md"].decode()
@@ -124,11 +127,11 @@ def test_names_the_hub_refuses_are_one_line_before_any_request(tmp_path, server,
 # ------------------------------------------------------------------------------------------- 8. subfolders
 def seed_folders(server: HubServer, tmp_path: Path) -> dict[str, str]:
     files, digests = {}, {}
-    for i, folder in enumerate(["math", "code/python"]):
+    for i, folder in enumerate(["", "math", "code/python"]):  # "": an adapter at the repo's root too
         adapter = tiny_lora(20 + i)
         digests[folder] = adapter_digest(adapter)
-        for name, data in peft_files(adapter, tmp_path / folder).items():
-            files[f"{folder}/{name}"] = data
+        for name, data in peft_files(adapter, tmp_path / (folder or "root")).items():
+            files[f"{folder}/{name}" if folder else name] = data
     server.seed("alice/experts", {**files, "README.md": b"# several adapters\n"}, tags=("v1",))
     return digests
 
@@ -136,13 +139,17 @@ def seed_folders(server: HubServer, tmp_path: Path) -> dict[str, str]:
 def test_adapters_in_folders_are_listed_and_pulled(tmp_path, server):
     digests = seed_folders(server, tmp_path)
     remote = Remote(Hub(home=tmp_path / "target"), endpoint=server.url, token=TOKEN)
-    assert remote.adapters("alice/experts") == ["code/python", "math"]
+    assert remote.adapters("alice/experts") == ["", "code/python", "math"]
     repo_id, subfolder, revision = parse_remote_ref("alice/experts/code/python@v1")
     pulled = remote.pull(repo_id, revision, subfolder=subfolder)
     assert pulled.version.ref == "experts-code-python@1" and pulled.version.digest == digests["code/python"]
     assert pulled.subfolder == "code/python"
     assert {r.repo_id for r in remote.hub.registry.remotes("experts-code-python@1")} == {"alice/experts/code/python"}
     assert remote.pull("alice/experts", subfolder="math").version.digest == digests["math"]
+    assert remote.pull("alice/experts").version.digest == digests[""]
+    with pytest.raises(NotFound, match="no adapter_config.json there") as caught:
+        remote.pull("alice/experts", subfolder="code")  # a folder, but no adapter in it
+    assert "--folders" in str(caught.value) and str(tmp_path) not in str(caught.value)
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -154,10 +161,32 @@ def test_parse_remote_ref(text, expected):
     assert parse_remote_ref(text) == expected
 
 
-@pytest.mark.parametrize("text", ["alice", "alice/a@", "alice/a/../b", "alice/a--b", "alice/a/x y"])
+@pytest.mark.parametrize("text", ["alice", "alice/a@", "alice/a/../b", "alice/a--b", "alice/a/x y", "alice/a/x\n",
+                                  "alice/a@v1\n"])
 def test_parse_remote_ref_refuses_malformed(text):
     with pytest.raises(QueryError):
         parse_remote_ref(text)
+
+
+@pytest.mark.parametrize(("fields", "problem"), [
+    ({"name": "date\n"}, r"adapter_hub\.name: 'date\\n' is not an adapter name"),
+    ({"name": "date/../../x"}, r"adapter_hub\.name"),
+    ({"digest": "\n"}, r"adapter_hub\.digest"),  # after the files' own digest
+    ({"lineage": [{"name": "p", "number": 1, "digest": "f" * 64 + "\n"}]}, r"lineage\[0\]\.digest"),
+])
+def test_card_values_the_registry_could_not_hold_are_refused_by_the_card_check(tmp_path, server, fields, problem):
+    """A trailing newline (which ``re.match(...$)`` lets through) or a name that only starts like one is refused,
+    naming the card field, before anything is stored."""
+    adapter = tiny_lora(13)
+    digest = adapter_digest(adapter) + fields.pop("digest", "")
+    card = hub_card(digest, **fields)
+    server.seed("alice/nl", {**peft_files(adapter, tmp_path / "files"), "README.md": card})
+    target = Hub(home=tmp_path / "target")
+    with pytest.raises(HubError, match=problem):
+        Remote(target, endpoint=server.url, token=TOKEN).pull("alice/nl")
+    assert target.registry.list(include_yanked=True) == [] and target.store.digests() == []
+    with pytest.raises(QueryError, match="invalid folder"):
+        Remote(target, endpoint=server.url, token=TOKEN).pull("alice/nl", subfolder="math\n")
 
 
 # ---------------------------------------------------------------------------------- 9. lines from elsewhere

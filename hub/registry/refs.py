@@ -157,6 +157,9 @@ def check_alias(alias: object) -> str:
     if alias.lower() in GIT_REFS or COMMIT_ID.fullmatch(alias):
         raise QueryError(f"alias {alias!r} looks like a git branch, ref or commit and would be ambiguous on a "
                          "pushed repository; choose another alias")
+    if ".." in alias or alias.endswith((".", ".lock")):  # git check-ref-format's rules that ALIAS lets through
+        raise QueryError(f"alias {alias!r} cannot be a git tag (no '..', no '.' or '.lock' at the end), so it could "
+                         "not be pushed; choose another alias")
     return alias
 
 

@@ -29,7 +29,7 @@ from hub.fingerprint import Fingerprint
 from hub.formats.spec import METHOD_TO_PEFT_TYPE
 from hub.methods.table import lookup
 from hub.registry import Metric, Parent, VersionInfo
-from hub.registry.refs import NAME
+from hub.registry.refs import INT32_MAX, NAME
 from hub.remote.paths import is_hub_model_id
 from hub.secrets import scrub
 
@@ -208,15 +208,15 @@ class _FieldError(Exception):
 def _hub_card(section: Any, base_model: str | None) -> RemoteCard:
     section = _mapping(section, "")
     digest = _optional(section, "digest", str, "")
-    if digest is None or not DIGEST.match(digest) or digest == "0" * 64:
+    if digest is None or not DIGEST.fullmatch(digest) or digest == "0" * 64:
         raise _FieldError(".digest", "missing or not a sha256 digest (64 lowercase hex digits); the card vouches "
                                      "for nothing")
     name = _optional(section, "name", str, "")
-    if name is not None and not NAME.match(name):
+    if name is not None and not NAME.fullmatch(name):
         raise _FieldError(".name", f"{name[:80]!r} is not an adapter name")
     number = _optional(section, "number", int, "")
-    if number is not None and number < 1:
-        raise _FieldError(".number", f"{number} is not a version number (1 or more)")
+    if number is not None and not 1 <= number <= INT32_MAX:
+        raise _FieldError(".number", f"{number} is not a version number (1 to {INT32_MAX})")
     rank = _optional(section, "rank", int, "")
     recipe = _optional(section, "recipe", dict, "")
     if recipe is not None:
@@ -240,7 +240,7 @@ def _fingerprint(value: Any) -> Fingerprint | None:
     if not weights_hash and not shape_hash:
         return None
     for key, text in (("weights_hash", weights_hash), ("shape_hash", shape_hash)):
-        if text and not DIGEST.match(text):
+        if text and not DIGEST.fullmatch(text):
             raise _FieldError(f".base.{key}", "not a sha256 digest (64 lowercase hex digits)")
     num_parameters = _optional(base, "num_parameters", int, ".base")
     return Fingerprint(weights_hash=weights_hash or "", shape_hash=shape_hash or "",
@@ -263,8 +263,10 @@ def _parent(value: Any, path: str) -> Parent:
     name, number = _optional(entry, "name", str, path), _optional(entry, "number", int, path)
     if name is None or number is None:
         raise _FieldError(path, "a lineage entry needs a name and a number")
+    if not NAME.fullmatch(name) or not 1 <= number <= INT32_MAX:
+        raise _FieldError(path, f"{name[:80]!r}@{number} is not a version reference")
     digest = _optional(entry, "digest", str, path)
-    if digest is not None and not DIGEST.match(digest):
+    if digest is not None and not DIGEST.fullmatch(digest):
         raise _FieldError(f"{path}.digest", "not a sha256 digest (64 lowercase hex digits)")
     params = _optional(entry, "params", dict, path) or {}
     _plain_json(params, f"{path}.params")

@@ -223,7 +223,7 @@ class Remote:
                 write_adapter(Adapter(config=config, tensors=adapter.tensors), folder)
                 (folder / CARD_NAME).write_text(model_card(version, repo_id=repo_id, base_model=base_model))
                 info = self.api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=version.ref)
-        if not isinstance(info.oid, str) or not COMMIT.match(info.oid):
+        if not isinstance(info.oid, str) or not COMMIT.fullmatch(info.oid):
             raise RemoteError(f"{where}: the server answered the upload with {str(info.oid)[:60]!r}, not a commit id")
         return info.oid
 
@@ -332,6 +332,9 @@ class Remote:
             wanted = [f"{subfolder}/{file}" if subfolder else file for file in ARTIFACT_FILES]
             self._download(downloads, repo_id, commit, wanted, sizes, where)
             folder = downloads.commit_folder(commit).joinpath(*(subfolder or ".").split("/"))
+            if not (folder / CONFIG_NAME).is_file():
+                raise NotFound(f"{where}: no {CONFIG_NAME} there, so no adapter (`hub list --remote {repo_id} "
+                               "--folders` lists the folders that hold one)")
             card = read_card(folder / CARD_NAME, where)
             _check_safetensors_header(folder / WEIGHTS_NAME, where)
             try:
@@ -351,7 +354,7 @@ class Remote:
         check_repo_id(repo_id)
         with remote_errors(repo_id, self.endpoint):
             refs = self.api.list_repo_refs(repo_id)
-        tags = sorted((t for t in refs.tags if isinstance(t.name, str) and VERSION_TAG.match(t.name)),
+        tags = sorted((t for t in refs.tags if isinstance(t.name, str) and VERSION_TAG.fullmatch(t.name)),
                       key=lambda t: int(t.name[1:]))
         known = self.hub.registry.commits_from(repo_id)
         pulled = []
@@ -378,7 +381,7 @@ class Remote:
             return commit, None
         except Exception as exc:
             raise translate(exc, where, self.endpoint) from None
-        if not isinstance(info.sha, str) or not COMMIT.match(info.sha):
+        if not isinstance(info.sha, str) or not COMMIT.fullmatch(info.sha):
             raise RemoteError(f"{where}: the server named {str(info.sha)[:60]!r} as the commit, not a commit id")
         siblings = info.siblings or []
         if len(siblings) > MAX_REPO_FILES:
@@ -457,7 +460,7 @@ class Remote:
         with remote_errors(repo_id, self.endpoint):
             refs = self.api.list_repo_refs(repo_id)
         found = []
-        tags = sorted((t for t in refs.tags if isinstance(t.name, str) and VERSION_TAG.match(t.name)),
+        tags = sorted((t for t in refs.tags if isinstance(t.name, str) and VERSION_TAG.fullmatch(t.name)),
                       key=lambda t: int(t.name[1:]))
         for tag in tags:
             try:
@@ -499,7 +502,7 @@ class Remote:
             path = PurePosixPath(sibling.rfilename if isinstance(sibling.rfilename, str) else "")
             if path.name != CONFIG_NAME:
                 continue
-            parent = path.parent.as_posix()
+            parent = "" if path.parent == PurePosixPath(".") else path.parent.as_posix()  # "": the repo's root
             try:
                 folders.add(check_subfolder(parent) or "")
             except QueryError:
@@ -509,7 +512,7 @@ class Remote:
 
     def _card_at(self, repo_id: str, commit: str, where: str) -> RemoteCard | None:
         """The card of the commit a tag points at (None when it has none); InvalidArtifact when it is unreadable."""
-        if not isinstance(commit, str) or not COMMIT.match(commit):
+        if not isinstance(commit, str) or not COMMIT.fullmatch(commit):
             raise InvalidArtifact(f"{where}: the server gave {str(commit)[:60]!r} as the tag's commit")
         downloads = Downloads(self.hub.settings.cache_dir / "remote", self.endpoint, repo_id)
         with remote_errors(where, self.endpoint):
@@ -522,12 +525,14 @@ class Remote:
 def alias_tag_problem(alias: str, branches: set[str]) -> str | None:
     """Why an alias cannot be a tag on the repo (it would move a version tag, shadow a branch or look like a git
     ref), or None."""
-    if VERSION_TAG.match(alias):
+    if VERSION_TAG.fullmatch(alias):
         return "it looks like a version tag, and version tags never move"
     if alias in branches:
         return "the repository has a branch of that name"
-    if alias == "HEAD" or alias.startswith("refs/") or COMMIT.match(alias):
+    if alias == "HEAD" or alias.startswith("refs/") or COMMIT.fullmatch(alias):
         return "it looks like a git ref"
+    if ".." in alias or alias.endswith((".", ".lock")):
+        return "git does not accept it as a tag name"
     return None
 
 

@@ -20,7 +20,7 @@ from huggingface_hub.utils import validate_repo_id
 from hub.errors import QueryError
 
 # Tags the hub writes for versions; they never move once written.
-VERSION_TAG = re.compile(r"^v\d+$")
+VERSION_TAG = re.compile(r"^v[0-9]+$")  # ASCII digits only: \d also matches "v١"
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
 # Folder names inside a repo: the characters Hub repo names use; no '.' or '..' parts, no backslashes.
 _PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+=-]{0,99}$")
@@ -84,7 +84,7 @@ def check_subfolder(subfolder: str | None) -> str | None:
     if subfolder is None or subfolder.strip("/") == "":
         return None
     parts = subfolder.strip("/").split("/")
-    if len(parts) > MAX_SUBFOLDER_DEPTH or not all(_PART.match(p) and p not in (".", "..") for p in parts):
+    if len(parts) > MAX_SUBFOLDER_DEPTH or not all(_PART.fullmatch(p) and p not in (".", "..") for p in parts):
         raise QueryError(f"invalid folder {subfolder!r} in a Hub repo: use names of letters, digits, '_', '.', "
                          f"'-', '+', '=' separated by '/' (at most {MAX_SUBFOLDER_DEPTH} deep)")
     return "/".join(parts)
@@ -143,7 +143,7 @@ class Downloads:
         self.hf_cache = self.folder / "hf-cache"
 
     def commit_folder(self, commit: str) -> Path:
-        if not isinstance(commit, str) or not COMMIT.match(commit):
+        if not isinstance(commit, str) or not COMMIT.fullmatch(commit):
             raise QueryError(f"{str(commit)[:80]!r} is not a commit id (40 lowercase hex digits)")
         return self.folder / "commits" / commit
 
@@ -156,13 +156,13 @@ class Downloads:
 
     def recall_revision(self, revision: str) -> str | None:
         """The commit ``revision`` last resolved to, if it was seen (a commit id resolves to itself)."""
-        if COMMIT.match(revision):
+        if COMMIT.fullmatch(revision):
             return revision
         try:
             commit = self._ref_path(revision).read_text().strip()
         except OSError:
             return None
-        return commit if COMMIT.match(commit) else None
+        return commit if COMMIT.fullmatch(commit) else None
 
     def evict(self, commit: str) -> None:
         """Drop what was downloaded at ``commit`` (a bad or partial copy), so the next pull downloads it afresh."""
