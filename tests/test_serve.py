@@ -487,6 +487,10 @@ def test_a_flood_beyond_the_queue_gets_429_and_the_api_key_is_enforced(setup: di
         refused = httpx.post(f"{small.url}/v1/load_lora_adapter", headers={"Authorization": f"Bearer {key}"},
                              json={"lora_name": "x", "lora_path": str(setup["root"] / "a6")})
         assert refused.status_code == 400 and "--allow-adapter-paths" in refused.json()["error"]["message"]
+        # A client that sends the key where the server echoes input (an unknown model) never gets it back.
+        echoed = httpx.post(f"{small.url}/v1/completions", headers={"Authorization": f"Bearer {key}"},
+                            json={"model": f"nope-{key}", "prompt": "x", "max_tokens": 1})
+        assert echoed.status_code == 404 and key not in echoed.text
 
         def ask(_: int) -> int:
             response = httpx.post(f"{small.url}/v1/completions", timeout=120,

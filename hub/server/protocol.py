@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from hub.secrets import scrub
+
 MAX_STOP_STRINGS = 16
 FLOAT32_MAX = 3.4028234663852886e38
 
@@ -98,8 +100,8 @@ class UnloadLoraAdapterRequest(BaseModel):
 
 
 def error_body(message: str, *, kind: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
-    """OpenAI's error JSON."""
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    """OpenAI's error JSON, its message scrubbed of every secret the process knows (tokens, the API key)."""
+    return {"error": {"message": scrub(message), "type": kind, "param": param, "code": code}}
 
 
 def usage(prompt: int, completion: int) -> dict[str, int]:
