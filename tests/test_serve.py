@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -396,6 +397,23 @@ def test_the_registry_pages_are_served_beside_the_api(server: ServerThread, setu
     for path, status in (("/ui/no/such/page", 404), ("/ui/adapters/a0/1/extra", 405)):
         page = httpx.get(f"{server.url}{path}", timeout=10)
         assert page.status_code == status and page.headers["content-type"].startswith("text/html"), path
+
+
+def test_an_unexpected_error_is_one_log_line_and_keeps_the_connection(server: ServerThread,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    def boom() -> None:
+        raise RuntimeError("no handler knows this")
+
+    server.app.add_api_route("/v1/test-unexpected", boom)  # a fault no handler foresaw, as a route
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as client, caplog.at_level(logging.ERROR):
+            failed = client.get("/v1/test-unexpected")
+            assert failed.status_code == 500 and failed.json()["error"]["type"] == "server_error"
+            assert "no handler knows" not in failed.text  # details stay in the log
+            assert client.get("/v1/models").status_code == 200  # the same kept-alive connection still serves
+    finally:
+        server.app.router.routes.pop()
+    assert "RuntimeError: no handler knows this" in caplog.text and "Traceback" not in caplog.text
 
 
 def test_load_and_unload_lora_adapter_like_vllm(server: ServerThread, setup: dict[str, Any]) -> None:

@@ -278,7 +278,7 @@ def create_app(hub: Hub, config: ServerConfig) -> FastAPI:
     app.state.engine = engine
     # The registry's pages beside the API, in the same process (writes from the pages need the same key).
     from hub.web import mount
-    from hub.web.app import http_error_page
+    from hub.web.app import error_page, http_error_page
 
     mount(app, hub, api_key=config.api_key, prefix="/ui")
 
@@ -291,7 +291,11 @@ def create_app(hub: Hub, config: ServerConfig) -> FastAPI:
 
     @app.middleware("http")
     async def count(request: Request, call_next: Any) -> Response:
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception as exc:  # caught here, not by an exception handler, so that Starlette
+            # neither logs a traceback nor closes the client's kept-alive connection after the 500
+            response = unexpected(request, exc)
         route = request.scope.get("route")
         metrics.requests.labels(getattr(route, "path", "other"), str(response.status_code)).inc()
         return response
@@ -316,9 +320,11 @@ def create_app(hub: Hub, config: ServerConfig) -> FastAPI:
         return JSONResponse(error_body(str(exc.detail), kind=kind), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+    def unexpected(request: Request, exc: Exception) -> Response:
+        """What no handler knew: one log line with the request and the error (scrubbed), a 500 to the client."""
         log.error("%s %s failed unexpectedly: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+        if request.url.path == "/ui" or request.url.path.startswith("/ui/"):
+            return error_page(request, 500, "Internal error", "the page failed; the server log has details")
         return JSONResponse(error_body("internal error; the server log has the details", kind="server_error"),
                             status_code=500)
 
