@@ -1,20 +1,25 @@
 """Picking from a pool of adapters with a few examples: ``Hub.rank`` and ``compose(weights="auto")`` (LoraHub).
 
 The pool, on SmolLM2-135M-Instruct nf4: the three built-in task experts (date, name, record; the ``task_experts``
-test fixture's cache, trained here with the same recipe when absent), the eight random LoRAs of bench_runtime (r=16
-on every projection) and, with ``--trained-distractors``, two LoRAs trained on other formats (upper-casing, word
-reversal; a few minutes each on a busy CPU, then cached). One run:
+test fixture's cache, trained here with the same recipe when absent), ``--randoms`` of the eight random LoRAs of
+bench_runtime (r=16 on every projection) and, with ``--trained-distractors``, four LoRAs trained with the same
+recipe on other formats over the same words (upper-casing, word reversal, and the inverses of the date and record
+tasks; a few minutes each on a busy CPU, then cached under .cache/bench-compose-auto). One run:
 
 1. Rank: five test examples of each task; the position of the task's own expert among the whole pool (exact match
    first, then loss), and the seconds the ranking took (one base load, every adapter attached in turn).
-2. Auto weights per task: ``compose(pool, "auto")`` (CMA-ES, LoraHub's defaults: 40 evaluations, [-1.5, 1.5],
-   L1 0.05) fitted on N train examples of the task, then merged (exact sum) and scored by exact match on held-out
-   test examples, against the task's own expert on the same examples (target: >= 95% of it).
-3. A mixed few-shot set (N per task): auto weights against fixed-weight merges (uniform over the pool, uniform over
-   the three experts, the experts at 1 each), exact match per task and on the mixed set.
+2. Every single adapter and the fixed-weight merges (uniform 1/K over the pool, 1/3 over the experts, the experts
+   at 1 each) scored by exact match on ``--test`` held-out examples per task (a single adapter is the one-hot
+   fixed-weight merge: "best single" is the best of them).
+3. A mixed few-shot set (N per task): ``compose(pool, "auto")`` (``--start rank``: the default, retrieval first;
+   ``--start zero``: LoraHub's search from 0 over every weight) merged (exact sum) and scored on the same test
+   examples, against every fixed merge of step 2, per task and mixed (the mean over the tasks), and its time.
+4. Auto weights per task, fitted on N train examples of the task, against the task's own expert (target: >= 95%
+   of it), the best single adapter and the best fixed merge on that task.
 
     .venv/bin/python bench/bench_compose_auto.py [--threads 2] [--sizes 5,20] [--test 30] [--budget 40]
-        [--trained-distractors] [--rank-by-loss] [--skip-mixed]
+        [--randoms 8] [--trained-distractors] [--start rank|zero] [--sigma 0.5] [--top-k 3] [--rank-by-loss]
+        [--tasks date,name,record (empty: no step 4)] [--skip-rank] [--skip-mixed]
 """
 
 from __future__ import annotations
@@ -61,6 +66,22 @@ def _reverse(rng: random.Random) -> Example:
     return Example(prompt=f"reverse {' '.join(words)} ->", completion=" " + " ".join(reversed(words)))
 
 
+def _undate(rng: random.Random) -> Example:
+    year, month, day = rng.randint(1950, 2049), rng.randint(1, 12), rng.randint(1, 28)
+    return Example(prompt=f"undate {day:02d}/{month:02d}/{year:04d} ->",
+                   completion=f" {year:04d}-{month:02d}-{day:02d}")
+
+
+def _unrecord(rng: random.Random) -> Example:
+    first, city, age = rng.choice(FIRST_NAMES), rng.choice(CITIES), rng.randint(18, 90)
+    return Example(prompt=f'unrecord {{"name": "{first}", "age": {age}, "city": "{city}"}} ->',
+                   completion=f" {first};{age};{city}")
+
+
+# Trained distractors: other formats over the same vocabulary, two of them the inverse of a built-in task's.
+DISTRACTORS = {"upper": _upper, "reverse": _reverse, "undate": _undate, "unrecord": _unrecord}
+
+
 def trained(base: Base, name: str, data: list[Example]) -> Adapter:
     """A LoRA trained with the default recipe on ``data``, cached under .cache/bench-compose-auto."""
     target = FOLDER / f"{name}-{base.fingerprint.weights_hash[:12]}"
@@ -85,13 +106,22 @@ def exact_match(base: Base, composition, test: list[Example]) -> float:
         handle.detach()
 
 
+def row(label: str, scores: dict[str, float], extra: str = "") -> str:
+    mixed = sum(scores.values()) / len(scores)
+    return f"| {label} | " + " | ".join(f"{v:.2f}" for v in scores.values()) + f" | {mixed:.2f} |{extra}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sizes", default="5,20", help="examples per task to fit the weights on")
     parser.add_argument("--test", type=int, default=30, help="held-out test examples per task")
     parser.add_argument("--budget", type=int, default=40)
-    parser.add_argument("--tasks", default=",".join(TASKS), help="the tasks of sections 1 and 2")
+    parser.add_argument("--start", choices=["rank", "zero"], default="rank")
+    parser.add_argument("--sigma", type=float, default=SearchConfig.sigma)
+    parser.add_argument("--top-k", type=int, default=SearchConfig.top_k)
+    parser.add_argument("--method", choices=["cma", "gradient"], default="cma")
+    parser.add_argument("--tasks", default=",".join(TASKS), help="the tasks of step 4 (empty: none)")
     parser.add_argument("--randoms", type=int, default=RANDOM_LORAS, help="random LoRAs in the pool")
     parser.add_argument("--skip-rank", action="store_true")
     parser.add_argument("--skip-mixed", action="store_true")
@@ -110,20 +140,20 @@ def main() -> None:
     rng = random.Random(0)
     pool: dict[str, Adapter] = {name: task_expert(base, name) for name in TASKS}
     if args.trained_distractors:
-        pool["upper"] = trained(base, "upper", [_upper(rng) for _ in range(400)])
-        pool["reverse"] = trained(base, "reverse", [_reverse(rng) for _ in range(400)])
+        pool.update({name: trained(base, name, [make(rng) for _ in range(400)]) for name, make in DISTRACTORS.items()})
     pool.update({f"random{i}": read_adapter(folder) for i, folder in enumerate(fp32_folders)})
     for name, adapter in pool.items():
         hub.register(adapter, name=name, base=path)
-    refs = list(pool)
-    print(f"pool: {len(refs)} adapters on SmolLM2-135M nf4: {', '.join(refs)}; torch threads {args.threads}")
+    refs = [f"{name}@1" for name in pool]
+    print(f"pool: {len(refs)} adapters on SmolLM2-135M nf4: {', '.join(pool)}; torch threads {args.threads}")
 
     order = "loss alone" if args.rank_by_loss else "exact match, then loss"
-    chosen = args.tasks.split(",")
-    print(f"\n## 1. rank: five test examples per task, the whole pool, by {order}\n")
-    print("| task | expert's position | top-1 | its exact match | its loss | next best (loss) | seconds |")
-    print("|---|---:|---|---:|---:|---|---:|")
-    for name in [] if args.skip_rank else chosen:
+    chosen = [name for name in args.tasks.split(",") if name]
+    if not args.skip_rank:
+        print(f"\n## 1. rank: five test examples per task, the whole pool, by {order}\n")
+        print("| task | expert's position | top-1 | its exact match | its loss | next best (loss) | seconds |")
+        print("|---|---:|---|---:|---:|---|---:|")
+    for name in [] if args.skip_rank else TASKS:
         start = time.perf_counter()
         results = hub.rank(examples(name, "test", 5), base=base, generate=not args.rank_by_loss)
         seconds = time.perf_counter() - start
@@ -131,47 +161,60 @@ def main() -> None:
         top, second = results[0], results[1]
         exact = "-" if args.rank_by_loss else f"{top.exact_match:.2f}"
         print(f"| {name} | {position} of {len(results)} | {top.ref} | {exact} | {top.loss:.3f} "
-              f"| {second.ref} ({second.loss:.3f}) | {seconds:.1f} |")
+              f"| {second.ref} ({second.loss:.3f}) | {seconds:.1f} |", flush=True)
 
     tests = {name: examples(name, "test", args.test) for name in TASKS}
-    settings = SearchConfig(budget=args.budget)
-    print(f"\n## 2. auto weights over the whole pool, per task (exact match on {args.test} held-out examples)\n")
-    print("| task | fit examples | auto | own expert | auto / expert | top weights | search s |")
-    print("|---|---:|---:|---:|---:|---|---:|")
+    experts = [f"{name}@1" for name in TASKS]
+    # Every single adapter (the one-hot merges) on every task's test set: one rank per task, generating.
+    singles: dict[str, dict[str, float]] = {ref: {} for ref in refs}
+    for name in TASKS:
+        for result in hub.rank(tests[name], base=base, candidates=refs):
+            singles[result.ref][name] = result.exact_match
+    fixed = {"uniform 1/K over the pool": compose(refs, [1 / len(refs)] * len(refs), hub=hub),
+             "uniform 1/3 over the experts": compose(experts, [1 / 3] * 3, hub=hub),
+             "the experts at 1 each": compose(experts, hub=hub)}
+    fixed_scores = {label: {name: exact_match(base, c, tests[name]) for name in TASKS} for label, c in fixed.items()}
+    best_single = max(refs, key=lambda ref: sum(singles[ref].values()))
+    print(f"\n## 2. fixed-weight merges, exact match on {args.test} held-out examples per task\n")
+    print("| composition | " + " | ".join(TASKS) + " | mixed |")
+    print("|---|" + "---:|" * (len(TASKS) + 1))
+    for ref in refs:
+        print(row(f"{ref} alone", singles[ref]))
+    for label, scores in fixed_scores.items():
+        print(row(label, scores), flush=True)
+
+    settings = SearchConfig(method=args.method, budget=args.budget, sigma=args.sigma, start=args.start,
+                            top_k=args.top_k if args.start == "rank" else None)
+    if not args.skip_mixed:
+        print(f"\n## 3. mixed few-shot sets (N per task) vs every fixed-weight merge above ({settings.to_dict()})\n")
+        print("| composition | " + " | ".join(TASKS) + " | mixed | search s |")
+        print("|---|" + "---:|" * (len(TASKS) + 2))
+        print(row(f"best single ({best_single} alone)", singles[best_single], " |"))
+        for label, scores in fixed_scores.items():
+            print(row(label, scores, " |"))
+        for size in sizes:
+            mixed = [ex for name in TASKS for ex in examples(name, "train", size)]
+            auto = compose(refs, "auto", examples=mixed, base=base, search=settings, hub=hub)
+            scores = {name: exact_match(base, auto, tests[name]) for name in TASKS}
+            print(row(f"auto, {size} per task", scores, f" {auto.search.seconds:.1f} |"), flush=True)
+            print(f"<!-- weights: {', '.join(f'{r} {w:+.2f}' for r, w in zip(refs, auto.search.weights, strict=True))}"
+                  f"; {auto.search.evaluations} evaluations, loss {auto.search.loss:.3f} -->")
+    print("\n## 4. auto weights over the whole pool, per task\n")
+    print("| task | fit examples | auto | own expert | auto / expert | best single | best fixed merge "
+          "| top weights | search s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|---:|")
     for name in chosen:
-        expert = exact_match(base, compose([f"{name}@1"], hub=hub), tests[name])
+        expert = singles[f"{name}@1"][name]
+        single = max(singles[ref][name] for ref in refs)
+        merge = max(scores[name] for scores in fixed_scores.values())
         for size in sizes:
             merged = compose(refs, "auto", examples=examples(name, "train", size), base=base, search=settings,
                              hub=hub)
             score = exact_match(base, merged, tests[name])
             top = sorted(zip(refs, merged.search.weights, strict=True), key=lambda p: -abs(p[1]))[:3]
             ratio = score / expert if expert else float("nan")
-            print(f"| {name} | {size} | {score:.2f} | {expert:.2f} | {ratio:.2f} | "
-                  f"{', '.join(f'{r} {w:+.2f}' for r, w in top)} | {merged.search.seconds:.1f} |")
-
-    if args.skip_mixed:
-        return
-    size = sizes[0]
-    mixed = [ex for name in TASKS for ex in examples(name, "train", size)]
-    third = max(10, args.test // 3)
-    mixed_tests = {name: tests[name][:third] for name in TASKS}
-    experts = [f"{name}@1" for name in TASKS]
-    rows = {
-        f"auto ({size} per task, whole pool)": compose(refs, "auto", examples=mixed, base=base, search=settings,
-                                                        hub=hub),
-        "uniform 1/K over the pool": compose(refs, [1 / len(refs)] * len(refs), hub=hub),
-        "uniform 1/3 over the experts": compose(experts, [1 / 3] * 3, hub=hub),
-        "experts at 1 each": compose(experts, hub=hub),
-    }
-    print(f"\n## 3. mixed few-shot set ({size} per task) vs fixed-weight merges ({third} test examples per task)\n")
-    print("| composition | " + " | ".join(TASKS) + " | mixed |")
-    print("|---|" + "---:|" * (len(TASKS) + 1))
-    for label, composition in rows.items():
-        scores = [exact_match(base, composition, mixed_tests[name]) for name in TASKS]
-        print(f"| {label} | " + " | ".join(f"{s:.2f}" for s in scores) + f" | {sum(scores) / len(scores):.2f} |")
-    auto = rows[f"auto ({size} per task, whole pool)"].search
-    print(f"\nauto on the mixed set: {auto.evaluations} evaluations in {auto.seconds:.1f} s, loss {auto.loss:.3f}, "
-          f"weights " + ", ".join(f"{r} {w:+.2f}" for r, w in zip(refs, auto.weights, strict=True)))
+            print(f"| {name} | {size} | {score:.2f} | {expert:.2f} | {ratio:.2f} | {single:.2f} | {merge:.2f} | "
+                  f"{', '.join(f'{r} {w:+.2f}' for r, w in top)} | {merged.search.seconds:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

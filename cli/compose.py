@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from cli.output import print_json
+from cli.output import WholeNumber, print_json
 from cli.train import DEVICE_HELP, STRUCTURAL_HELP, parse_device
 from hub.client import Hub
 
@@ -28,32 +28,37 @@ def parse_weights(text: str | None, *, option: str = "--weights") -> list[float]
 @click.option("--name", required=True, help="Register the result as a new version of NAME.")
 @click.option("--weights", default=None, help="One weight per REF, comma-separated (default: 1 each).")
 @click.option("--auto", is_flag=True,
-              help="sum: fit the weights on --fit-data first (LoraHub: CMA-ES over [-1.5, 1.5] + L1), then merge.")
+              help="sum: fit the weights on --fit-data first (each REF alone, then LoraHub's CMA-ES + L1), then merge.")
 @click.option("--search", type=click.Choice(["cma", "gradient"]), default="cma", show_default=True,
               help="--auto: CMA-ES (gradient-free) or Adam on the weights.")
-@click.option("--budget", type=click.IntRange(min=1), default=40, show_default=True,
-              help="--auto: loss evaluations (cma) or optimizer steps (gradient).")
+@click.option("--budget", type=WholeNumber(min=1), default=40, show_default=True,
+              help="--auto: loss evaluations in all (cma trials or gradient steps, and one per REF to rank them).")
 @click.option("--l1", type=click.FloatRange(min=0), default=0.05, show_default=True,
               help="--auto: L1 penalty on the mean absolute weight.")
 @click.option("--bounds", default="-1.5,1.5", show_default=True, help="--auto: LOW,HIGH for every weight.")
+@click.option("--start", type=click.Choice(["rank", "zero"]), default="rank", show_default=True,
+              help="--auto: score each REF alone first and search the --top-k best (default 3) from the best,"
+                   " or LoraHub's search of every weight from 0.")
 @click.option("--kind", type=click.Choice(KINDS), default="sum", show_default=True,
               help="sum: one merged adapter; stack: all active together; mixture: experts behind a trained gate.")
 @click.option("--strategy", default="exact", show_default=True,
               help="sum: exact, svd, ties, dare_linear, dare_ties or magnitude_prune.")
-@click.option("--rank", type=int, default=None, help="sum: output rank for svd and the pruning strategies.")
+@click.option("--rank", type=WholeNumber(), default=None, help="sum: output rank for svd and the pruning strategies.")
 @click.option("--density", type=float, default=None, help="sum: fraction kept by ties/dare/magnitude_prune.")
 @click.option("--majority-sign", type=click.Choice(["total", "frequency"]), default="total", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="DARE's pruning, the gate's initialization.")
+@click.option("--seed", type=WholeNumber(), default=0, show_default=True,
+              help="DARE's pruning, the gate's initialization.")
 @click.option("--router", type=click.Choice(["layerwise", "two_pass"]), default="layerwise", show_default=True,
               help="mixture: one pass with per-layer gates, or X-LoRA's two passes.")
-@click.option("--top-k", type=int, default=None, help="mixture: experts kept per token (default: all).")
+@click.option("--top-k", type=WholeNumber(), default=None,
+              help="mixture: experts kept per token (default: all); --auto --start rank: REFs searched (default 3).")
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="mixture: the gate's softmax.")
 @click.option("--fit-task", "fit_tasks", multiple=True, help="mixture: a built-in task to fit the gate on, repeatable.")
 @click.option("--fit-data", type=click.Path(dir_okay=False), default=None,
               help="mixture, --auto: a JSONL file of prompt/completion pairs or chats to fit the gate or weights on.")
-@click.option("--fit-examples", type=int, default=300, show_default=True,
+@click.option("--fit-examples", type=WholeNumber(), default=300, show_default=True,
               help="Distinct examples per --fit-task (the gate overfits a few repeated ones).")
-@click.option("--steps", type=int, default=40, show_default=True, help="mixture: gate training steps.")
+@click.option("--steps", type=WholeNumber(), default=40, show_default=True, help="mixture: gate training steps.")
 @click.option("--lr", type=float, default=None,
               help="mixture: gate learning rate (default 0.01); --auto --search gradient: the weights' (0.1).")
 @click.option("--base", default=None,
@@ -66,7 +71,7 @@ def parse_weights(text: str | None, *, option: str = "--weights") -> list[float]
 @click.option("--description", default=None)
 @click.option("--json", "as_json", is_flag=True, help="Print the new version as JSON.")
 def compose(refs: tuple[str, ...], name: str, weights: str | None, auto: bool, search: str, budget: int, l1: float,
-            bounds: str, kind: str, strategy: str, rank: int | None,
+            bounds: str, start: str, kind: str, strategy: str, rank: int | None,
             density: float | None, majority_sign: str, seed: int, router: str, top_k: int | None, temperature: float,
             fit_tasks: tuple[str, ...], fit_data: str | None, fit_examples: int, steps: int, lr: float | None,
             base: str | None, quantize: str, device: str | None, allow_structural: bool, tags: tuple[str, ...],
@@ -79,13 +84,14 @@ def compose(refs: tuple[str, ...], name: str, weights: str | None, auto: bool, s
     hub compose date name record --auto --fit-data few.jsonl --name few-shot
     """
     context = click.get_current_context()
-    given = [f"--{option}" for option in ("search", "budget", "l1", "bounds")
+    given = [f"--{option}" for option in ("search", "budget", "l1", "bounds", "start")
              if context.get_parameter_source(option) is not click.core.ParameterSource.DEFAULT]
     if given and not auto:
         raise click.UsageError(f"{', '.join(given)} set the --auto search: use them with --auto")
     if auto:
         _compose_auto(list(refs), name=name, weights=weights, search=search, budget=budget, l1=l1, bounds=bounds,
-                      kind=kind, strategy=strategy, rank=rank, density=density, majority_sign=majority_sign,
+                      start=start, top_k=top_k, kind=kind, strategy=strategy, rank=rank, density=density,
+                      majority_sign=majority_sign,
                       seed=seed, fit_tasks=fit_tasks, fit_data=fit_data, lr=lr, base=base, quantize=quantize,
                       device=device, allow_structural=allow_structural, tags=tags, description=description,
                       as_json=as_json)
@@ -111,7 +117,8 @@ def compose(refs: tuple[str, ...], name: str, weights: str | None, auto: bool, s
 
 
 def _compose_auto(refs: list[str], *, name: str, weights: str | None, search: str, budget: int, l1: float,
-                  bounds: str, kind: str, strategy: str, rank: int | None, density: float | None, majority_sign: str,
+                  bounds: str, start: str, top_k: int | None, kind: str, strategy: str, rank: int | None,
+                  density: float | None, majority_sign: str,
                   seed: int, fit_tasks: tuple[str, ...], fit_data: str | None, lr: float | None, base: str | None,
                   quantize: str, device: str | None, allow_structural: bool, tags: tuple[str, ...],
                   description: str | None, as_json: bool) -> None:
@@ -127,8 +134,10 @@ def _compose_auto(refs: list[str], *, name: str, weights: str | None, search: st
     low_high = parse_weights(bounds, option="--bounds")
     if len(low_high) != 2:
         raise click.BadParameter(f"{bounds!r} is not LOW,HIGH", param_hint="--bounds")
-    settings = {"method": search, "budget": budget, "l1": l1, "bounds": low_high, "seed": seed,
-                **({"lr": lr} if lr is not None else {})}
+    if top_k is not None and start != "rank":
+        raise click.UsageError("--top-k with --auto chooses the REFs searched after ranking them (--start rank)")
+    settings = {"method": search, "budget": budget, "l1": l1, "bounds": low_high, "seed": seed, "start": start,
+                **({"lr": lr} if lr is not None else {}), **({"top_k": top_k} if top_k is not None else {})}
     hub = Hub()
     result = hub.compose(refs, "auto", strategy=strategy, rank=rank, density=density, majority_sign=majority_sign,
                          seed=seed, data=fit_data, search=settings, base=base,

@@ -69,6 +69,26 @@ def test_the_search_is_reproducible_from_its_seed(hub, tiny):  # noqa: F811
     assert runs[0].weights == runs[1].weights and runs[0].history == runs[1].history
 
 
+def test_the_search_starts_from_retrieval_and_ends_no_worse_than_the_best_adapter_alone(hub, tiny):  # noqa: F811
+    base, examples = tiny["nf4"], tiny["examples"]
+    ranked = {r.ref: r.loss for r in hub.rank(examples, base=base, candidates=REFS, generate=False)}
+    alone = [ranked[f"{ref}@1"] for ref in REFS]
+    merged = compose(REFS, "auto", examples=examples, base=base, search=SearchConfig(budget=6, top_k=2), hub=hub)
+    search = merged.search
+    # Retrieval first: each adapter alone scores as hub.rank scores it, and only the best two are searched.
+    assert search.alone == pytest.approx(alone, rel=1e-4)
+    assert search.searched == sorted(sorted(range(3), key=alone.__getitem__)[:2])
+    assert all(w == 0 for i, w in enumerate(search.weights) if i not in search.searched)
+    # The best point evaluated wins, and the best adapter alone was one of them.
+    assert search.objective <= min(alone) + 0.05 / 3 + 1e-6 and search.objective == pytest.approx(min(search.history))
+    recipe = merged.register(hub, name="retrieved").version.recipe["search"]
+    assert recipe["start"] == "rank" and recipe["top_k"] == 2 and recipe["searched"] == search.searched
+    # LoraHub's search stays one setting away: from 0, every weight searched, no retrieval.
+    lorahub = compose(REFS, "auto", examples=examples, base=base, hub=hub,
+                      search=SearchConfig(budget=6, start="zero", top_k=None)).search
+    assert lorahub.alone == [] and lorahub.searched == [0, 1, 2] and lorahub.evaluations == 6
+
+
 def test_registered_recipe_and_lineage_record_the_search(hub, tiny):  # noqa: F811
     merged = compose(REFS, "auto", examples=tiny["examples"], base=tiny["nf4"], search=SearchConfig(budget=12, l1=0.1),
                      strategy="svd", rank=4, hub=hub)
@@ -86,10 +106,13 @@ def test_cli_compose_auto_registers_and_bad_inputs_exit_with_one_line(hub, tiny,
     data = write_jsonl(tiny["examples"], tmp_path / "few.jsonl")
     runner = CliRunner()
     common = ["compose", *REFS, "--auto", "--base", str(tiny["base_dir"]), "--quantize", "nf4"]
-    result = runner.invoke(cli, [*common, "--fit-data", str(data), "--budget", "10", "--name", "auto", "--json"])
+    result = runner.invoke(cli, [*common, "--fit-data", str(data), "--budget", "10", "--top-k", "2", "--name", "auto",
+                                 "--json"])
     assert result.exit_code == 0, result.output
     version = json.loads(result.stdout)
-    assert version["recipe"]["search"]["budget"] == 10 and len(version["parents"]) == 3
+    search = version["recipe"]["search"]
+    assert search["budget"] == 10 and len(version["parents"]) == 3
+    assert search["start"] == "rank" and search["top_k"] == 2 and len(search["searched"]) == 2
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     for args, message in ((["--fit-data", str(empty)], "holds no examples"),
@@ -107,6 +130,7 @@ def test_cli_compose_auto_registers_and_bad_inputs_exit_with_one_line(hub, tiny,
     ({}, "needs examples"),
     ({"kind": "stack", "examples": "x"}, "fits a weighted sum"),
     ({"search": "anneal", "examples": "x"}, "unknown weight search"),
+    ({"search": SearchConfig(budget=3), "examples": "x"}, "give a budget above 3"),
 ])
 def test_bad_auto_inputs_are_refused_with_one_line(hub, tiny, options, message):  # noqa: F811
     options = {k: tiny["examples"] if v == "x" else v for k, v in options.items()}

@@ -63,13 +63,15 @@ def compose(
     * ``kind="stack"``: a ``Stack``, the adapters (any methods) active together at their weights;
     * ``kind="mixture"``: a ``Mixture``, the adapters as experts behind a gate (``router``) to ``fit``.
 
-    ``weights="auto"`` (sums only) fits the weights on ``examples`` plus a JSONL file ``data`` first, LoraHub's
-    way (``hub.composition.auto``: ``search`` is a SearchConfig or its method, "cma" (default) or "gradient"), on
-    ``base`` (a loaded ``hub.runtime.Base``, or a folder / Hub id loaded once with ``quantize`` on ``device``;
-    default the members' base); then the sum is made by ``strategy`` with the weights found, and its recipe
-    records them with the search settings and score (``WeightedSum.search``). The search scores the exact sum
-    (for "svd", "ties"... the merge made afterwards approximates it). Raises Incompatible (no examples, another
-    kind, a search that keeps every weight at 0), InvalidArtifact (a malformed data file).
+    ``weights="auto"`` (sums only) fits the weights on ``examples`` plus a JSONL file ``data`` first: each input
+    scored alone, then a search over the best ones' weights from the best (LoraHub's search from 0 with
+    ``start="zero"``; ``hub.composition.auto``: ``search`` is a SearchConfig or its method, "cma" (default) or
+    "gradient"), on ``base`` (a loaded ``hub.runtime.Base``, or a folder / Hub id loaded once with ``quantize``
+    on ``device``; default the members' base); then the sum is made by ``strategy`` with the weights found, and
+    its recipe records them with the search settings and score (``WeightedSum.search``). The search scores the
+    exact sum (for "svd", "ties"... the merge made afterwards approximates it). Raises Incompatible (no examples,
+    another kind, a search that keeps every weight at 0, a budget too small to score every input),
+    InvalidArtifact (a malformed data file).
 
     Every result can ``attach(model)`` and ``register(hub, name=...)`` (with lineage); ``activate`` puts a
     registered one back on a model.

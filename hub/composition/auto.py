@@ -2,7 +2,15 @@
 
 LoraHub (Huang et al., "LoraHub: Efficient Cross-Task Generalization via Dynamic LoRA Composition", COLM 2024;
 sail-sg/lorahub ``lorahub/algorithm.py``) searches w ∈ [−1.5, 1.5]^K, starting at 0, gradient-free (CMA-ES) for 40
-evaluations of ``loss(Σ wᵢ·LoRAᵢ) + 0.05·mean|wᵢ|`` on ~5 examples of an unseen task. Those are the defaults here.
+evaluations of ``loss(Σ wᵢ·LoRAᵢ) + 0.05·mean|wᵢ|`` on ~5 examples of an unseen task. Its bounds, penalty and
+budget are the defaults here; ``start="zero", top_k=None`` is its search exactly.
+
+Over a registry's pool (many adapters, most unrelated) that search from 0 spends its 40 evaluations in a
+K-dimensional space and lands on large weights for unrelated adapters (bench/bench_compose_auto.py: 0.70-0.90 of
+the task's own expert). The default start is retrieval first (``start="rank"``, as ``hub.rank`` by loss): each
+adapter alone, at weight 1, is one evaluation; the search then moves only the ``top_k`` best alone and starts at
+the better of the best one alone and those k at weight 1 each. The best point evaluated wins, so the result is
+never worse on the examples than the best single adapter.
 
 No trial merges anything: the adapters are attached once as a stack, each at static weight 1, and a trial sets
 their gates to w (``hub.sites`` gates: ``y = base(x) + Σ wᵢ·Δᵢ(x)``), which for additive deltas (the LoRA family)
@@ -34,14 +42,18 @@ if TYPE_CHECKING:
     from hub.data import Encoded, Example
 
 METHODS = ("cma", "gradient")
+STARTS = ("rank", "zero")
 
 
 @dataclass(frozen=True)
 class SearchConfig:
     """How the weights are searched. ``method``: ``cma`` (CMA-ES, gradient-free) or ``gradient`` (Adam on the
-    weights). ``budget``: loss evaluations for CMA-ES, optimizer steps for gradient. ``bounds``: every weight is
-    kept in [low, high]. ``l1``: the penalty ``l1 · mean|wᵢ|`` added to the loss. ``sigma``: CMA-ES's initial step
-    size; ``lr``: Adam's learning rate. ``seed``: CMA-ES's sampling. Defaults: LoraHub's."""
+    weights). ``budget``: loss evaluations in all (CMA-ES's trials or Adam's steps, and with ``start="rank"`` one
+    per adapter before them). ``bounds``: every weight is kept in [low, high]. ``l1``: the penalty
+    ``l1 · mean|wᵢ|`` added to the loss. ``start``: ``rank`` (retrieval first, see the module docstring) or
+    ``zero`` (LoraHub's: every weight 0 (CMA-ES) or 1/K (Adam), all of them searched). ``top_k``: with ``rank``,
+    how many of the best adapters alone the search moves (None: all). ``sigma``: CMA-ES's initial step size;
+    ``lr``: Adam's learning rate. ``seed``: CMA-ES's sampling. LoraHub's search: ``start="zero", top_k=None``."""
 
     method: str = "cma"
     budget: int = 40
@@ -50,12 +62,19 @@ class SearchConfig:
     seed: int = 0
     sigma: float = 0.5
     lr: float = 0.1
+    start: str = "rank"
+    top_k: int | None = 3
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise Incompatible(f"unknown weight search {self.method!r} (known: {', '.join(METHODS)})")
+        if self.start not in STARTS:
+            raise Incompatible(f"unknown search start {self.start!r} (known: {', '.join(STARTS)})")
         if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1:
             raise Incompatible(f"the search budget must be a whole number >= 1, not {self.budget!r}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
+                                       or self.top_k < 1):
+            raise Incompatible(f"top_k must be a whole number >= 1 or None, not {self.top_k!r}")
         low, high = (float(b) for b in self.bounds)
         if not (math.isfinite(low) and math.isfinite(high) and low < high):
             raise Incompatible(f"weight bounds must be finite with low < high, not {tuple(self.bounds)}")
@@ -69,7 +88,8 @@ class SearchConfig:
 
     def to_dict(self) -> dict[str, Any]:
         settings = {"method": self.method, "budget": self.budget, "bounds": list(self.bounds), "l1": self.l1,
-                    "seed": self.seed}
+                    "seed": self.seed, "start": self.start}
+        settings.update({"top_k": self.top_k} if self.start == "rank" else {})
         settings.update({"sigma": self.sigma} if self.method == "cma" else {"lr": self.lr})
         return settings
 
@@ -78,7 +98,9 @@ class SearchConfig:
 class WeightSearch:
     """The search's outcome: ``weights`` (one per adapter, in input order); ``loss``: mean completion-token
     cross-entropy (nats) of the stack at those weights on the examples, ``objective`` = loss + L1 term;
-    ``evaluations``: losses computed (CMA-ES) or steps taken (gradient); ``seconds``: wall time."""
+    ``evaluations``: losses computed (each adapter alone, CMA-ES's trials, Adam's steps); ``alone``: with
+    ``start="rank"``, each adapter's loss alone at weight 1 (input order; empty otherwise); ``searched``: the
+    indices of the adapters the search moved (the others stay at 0); ``seconds``: wall time."""
 
     weights: list[float]
     loss: float
@@ -87,12 +109,15 @@ class WeightSearch:
     examples: int
     settings: SearchConfig
     seconds: float
+    alone: list[float] = field(default_factory=list)
+    searched: list[int] = field(default_factory=list)
     history: list[float] = field(default_factory=list, repr=False)  # the objective per evaluation or step
 
     def to_recipe(self) -> dict[str, Any]:
         """What the composition's recipe records (no timings: a recipe describes how to reproduce the result)."""
         return {**self.settings.to_dict(), "examples": self.examples, "evaluations": self.evaluations,
-                "weights": [round(w, 6) for w in self.weights], "loss": self.loss, "objective": self.objective}
+                "weights": [round(w, 6) for w in self.weights], "loss": self.loss, "objective": self.objective,
+                "alone": [round(v, 6) for v in self.alone], "searched": self.searched}
 
 
 def search_weights(
@@ -110,7 +135,7 @@ def search_weights(
     the search and detached after it, whatever happens.
 
     Raises InvalidArtifact (no examples, one longer than the context), Incompatible (members that do not attach
-    to this model).
+    to this model, ``start="rank"`` with a budget that does not exceed the number of members).
     """
     from hub.data import encode_all
     from hub.runtime import attach, gate_context, place
@@ -119,11 +144,15 @@ def search_weights(
     settings = settings or SearchConfig()
     if not examples:
         raise InvalidArtifact("weights='auto' needs examples to fit the weights on")
+    count = len(members)
+    if settings.start == "rank" and settings.budget <= count:
+        raise Incompatible(f"start='rank' scores each of the {count} adapters alone first: give a budget above "
+                           f"{count}, not {settings.budget}")
     encoded, pad = encode_all(model, tokenizer, examples)
     batches = [encoded[i:i + batch_size] for i in range(0, len(encoded), batch_size)]
     device = place(model)
     disable_cpu_repacking(model)  # the gradient search backpropagates through bitsandbytes' fp32 CPU path
-    handle = attach(model, [m.adapter for m in members], name=[f"auto-weight.{i}" for i in range(len(members))],
+    handle = attach(model, [m.adapter for m in members], name=[f"auto-weight.{i}" for i in range(count)],
                     weight=1.0, base_fingerprint=common_base(members), allow_structural=allow_structural)
     names = [h.name for h in handle.handles]
     gates = gate_context(model)
@@ -135,17 +164,67 @@ def search_weights(
             with gates.routed(names, weights):
                 return _loss(model, batches, pad, device)
 
+        trials = _Trials(loss_at, count, settings.l1)
+        origin, searched, alone = _start(trials, count, settings)
         run = _cma if settings.method == "cma" else _gradient
-        weights, history = run(loss_at, len(members), settings)
+        run(trials, origin, searched, settings)
+        weights = trials.best
         with torch.no_grad():
             loss = float(loss_at(torch.tensor(weights)))
     finally:
         handle.detach()
         model.train(was_training)
-    penalty = settings.l1 * sum(abs(w) for w in weights) / len(weights)
-    return WeightSearch(weights=weights, loss=loss, objective=loss + penalty, evaluations=len(history),
-                        examples=len(examples), settings=settings, seconds=time.perf_counter() - start,
-                        history=history)
+    return WeightSearch(weights=weights, loss=loss, objective=loss + trials.penalty(weights),
+                        evaluations=len(trials.history), examples=len(examples), settings=settings,
+                        seconds=time.perf_counter() - start, alone=alone, searched=searched,
+                        history=trials.history)
+
+
+class _Trials:
+    """The objective ``loss + l1·mean|w|`` at full weight vectors, every evaluation recorded, the best kept."""
+
+    def __init__(self, loss_at: Any, count: int, l1: float) -> None:
+        self.loss_at, self.count, self.l1 = loss_at, count, l1
+        self.history: list[float] = []
+        self.best: list[float] = [0.0] * count
+        self.best_value = math.inf
+
+    def penalty(self, weights: Sequence[float]) -> float:
+        return self.l1 * sum(abs(w) for w in weights) / self.count
+
+    def __call__(self, weights: Sequence[float]) -> float:
+        with torch.no_grad():
+            value = float(self.loss_at(torch.tensor(weights, dtype=torch.float32))) + self.penalty(weights)
+        return self.record(weights, value)
+
+    def record(self, weights: Sequence[float], value: float) -> float:
+        self.history.append(value)
+        if value < self.best_value:
+            self.best, self.best_value = [float(w) for w in weights], value
+        return value
+
+
+def _start(trials: _Trials, count: int, settings: SearchConfig) -> tuple[list[float], list[int], list[float]]:
+    """The search's starting point, the indices it moves and each adapter's loss alone (``start="rank"``)."""
+    low, high = settings.bounds
+    if settings.start == "zero":
+        return [min(max(0.0, low), high)] * count, list(range(count)), []
+    one = min(max(1.0, low), high)
+    alone = []
+    for i in range(count):
+        point = [0.0] * count
+        point[i] = one
+        alone.append(trials(point) - trials.penalty(point))
+    order = sorted(range(count), key=lambda i: alone[i])
+    searched = sorted(order[:settings.top_k or count])
+    origin = [0.0] * count
+    origin[order[0]] = one
+    if len(searched) > 1 and len(trials.history) < settings.budget:
+        # Experts trained on different tasks are trained to run at weight 1: their sum is the other natural start.
+        together = [one if i in searched else 0.0 for i in range(count)]
+        trials(together)
+        origin = trials.best
+    return origin, searched, alone
 
 
 def _loss(model: nn.Module, batches: Sequence[Sequence[Encoded]], pad: int, device: torch.device) -> torch.Tensor:
@@ -164,57 +243,54 @@ def _loss(model: nn.Module, batches: Sequence[Sequence[Encoded]], pad: int, devi
     return total / max(count, 1)
 
 
-def _cma(loss_at: Any, count: int, settings: SearchConfig) -> tuple[list[float], list[float]]:
-    """CMA-ES from 0 (no adapter) within the bounds for ``budget`` evaluations; the best point evaluated wins."""
+def _cma(trials: _Trials, origin: list[float], searched: list[int], settings: SearchConfig) -> None:
+    """CMA-ES over the ``searched`` weights from ``origin`` within the bounds until the budget is spent."""
     with warnings.catch_warnings():  # pycma warns at import when matplotlib (plots only) is missing
         warnings.simplefilter("ignore")
         import cma
 
     low, high = settings.bounds
-    start = [min(max(0.0, low), high)] * count
-    # pycma draws a random seed for 0; every seed here is an explicit, reproducible one.
-    strategy = cma.CMAEvolutionStrategy(start, settings.sigma, {"bounds": [low, high], "seed": settings.seed + 1,
-                                                                "verbose": -9, "maxfevals": settings.budget})
-    history: list[float] = []
-    best, best_value = start, math.inf
-    while len(history) < settings.budget:
+    left = settings.budget - len(trials.history)
+    if left < 1:
+        return
+    x0 = [origin[i] for i in searched]
+
+    def full(point: Sequence[float]) -> list[float]:
+        weights = [0.0] * len(origin)
+        for i, w in zip(searched, point, strict=True):
+            weights[i] = float(w)
+        return weights
+
+    # pycma draws a random seed for 0 and takes at most 2**32 - 1: every seed maps to an explicit, reproducible one.
+    strategy = cma.CMAEvolutionStrategy(x0, settings.sigma, {"bounds": [low, high],
+                                                             "seed": settings.seed % (2**32 - 1) + 1,
+                                                             "verbose": -9, "maxfevals": left})
+    while len(trials.history) < settings.budget:
         points = strategy.ask()
-        points = points[:settings.budget - len(history)] if len(points) > settings.budget - len(history) else points
-        values = []
-        for point in points:
-            weights = [float(w) for w in point]
-            with torch.no_grad():
-                value = float(loss_at(torch.tensor(weights))) + settings.l1 * sum(abs(w) for w in weights) / count
-            values.append(value)
-            history.append(value)
-            if value < best_value:
-                best, best_value = weights, value
+        points = points[:settings.budget - len(trials.history)]
+        values = [trials(full(point)) for point in points]
         if len(values) < strategy.popsize:
             break  # the budget ended inside a generation: pycma takes only whole ones
         strategy.tell(points, values)
-    return best, history
 
 
-def _gradient(loss_at: Any, count: int, settings: SearchConfig) -> tuple[list[float], list[float]]:
-    """Adam on the weights from 1/K each (at 0 an adapter's gate is skipped and would get no gradient), clamped
-    to the bounds after every step; the best point seen wins."""
+def _gradient(trials: _Trials, origin: list[float], searched: list[int], settings: SearchConfig) -> None:
+    """Adam on the ``searched`` weights from ``origin`` (a weight at 0 starts at 1/K instead: an adapter whose gate
+    is 0 is skipped and would get no gradient), clamped to the bounds after every step, until the budget is spent."""
     low, high = settings.bounds
-    weights = torch.full((count,), min(max(1.0 / count, low), high), requires_grad=True)
-    optimizer = torch.optim.Adam([weights], lr=settings.lr)
-    history: list[float] = []
-    best, best_value = weights.detach().tolist(), math.inf
-    for _ in range(settings.budget):
-        objective = loss_at(weights) + settings.l1 * weights.abs().mean()
-        value = float(objective.detach())
-        history.append(value)
-        if value < best_value:
-            best, best_value = weights.detach().tolist(), value
+    count = len(origin)
+    index = torch.tensor(searched)
+    free = torch.tensor([origin[i] or min(max(1.0 / count, low), high) for i in searched], requires_grad=True)
+    optimizer = torch.optim.Adam([free], lr=settings.lr)
+    while len(trials.history) < settings.budget:
+        weights = torch.zeros(count).index_put((index,), free)
+        objective = trials.loss_at(weights) + settings.l1 * weights.abs().mean()
+        trials.record(weights.detach().tolist(), float(objective.detach()))
         optimizer.zero_grad(set_to_none=True)
         objective.backward()
         optimizer.step()
         with torch.no_grad():
-            weights.clamp_(low, high)
-    return best, history
+            free.clamp_(low, high)
 
 
 def fit_weights(
