@@ -52,6 +52,8 @@ def parse_weights(text: str | None, *, option: str = "--weights") -> list[float]
               help="mixture: one pass with per-layer gates, or X-LoRA's two passes.")
 @click.option("--top-k", type=WholeNumber(), default=None,
               help="mixture: experts kept per token (default: all); --auto --start rank: REFs searched (default 3).")
+@click.option("--routing", type=click.Choice(["token", "sequence"]), default="token", show_default=True,
+              help="mixture: a gate per token, or one per sequence from its prompt (better from few examples).")
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="mixture: the gate's softmax.")
 @click.option("--fit-task", "fit_tasks", multiple=True, help="mixture: a built-in task to fit the gate on, repeatable.")
 @click.option("--fit-data", type=click.Path(dir_okay=False), default=None,
@@ -71,8 +73,8 @@ def parse_weights(text: str | None, *, option: str = "--weights") -> list[float]
 @click.option("--description", default=None)
 @click.option("--json", "as_json", is_flag=True, help="Print the new version as JSON.")
 def compose(refs: tuple[str, ...], name: str, weights: str | None, auto: bool, search: str, budget: int, l1: float,
-            bounds: str, start: str, kind: str, strategy: str, rank: int | None,
-            density: float | None, majority_sign: str, seed: int, router: str, top_k: int | None, temperature: float,
+            bounds: str, start: str, kind: str, strategy: str, rank: int | None, density: float | None,
+            majority_sign: str, seed: int, router: str, routing: str, top_k: int | None, temperature: float,
             fit_tasks: tuple[str, ...], fit_data: str | None, fit_examples: int, steps: int, lr: float | None,
             base: str | None, quantize: str, device: str | None, allow_structural: bool, tags: tuple[str, ...],
             description: str | None, as_json: bool) -> None:
@@ -106,7 +108,7 @@ def compose(refs: tuple[str, ...], name: str, weights: str | None, auto: bool, s
     hub = Hub()
     router_config = None
     if kind == "mixture":
-        router_config = {"kind": router, "temperature": temperature, "top_k": top_k, "seed": seed}
+        router_config = {"kind": router, "routing": routing, "temperature": temperature, "top_k": top_k, "seed": seed}
     result = hub.compose(list(refs), parse_weights(weights), kind=kind, strategy=strategy, rank=rank,
                          density=density, majority_sign=majority_sign, seed=seed, router=router_config)
     if kind == "mixture":

@@ -139,3 +139,14 @@ def test_bad_auto_inputs_are_refused_with_one_line(hub, tiny, options, message):
     assert "\n" not in str(caught.value)
     with pytest.raises(Incompatible, match="apply to fitting the weights"):
         compose(REFS, [1, 1, 1], examples=tiny["examples"], hub=hub)
+
+
+def test_cli_mixture_takes_its_routing(hub, tiny, tmp_path):  # noqa: F811
+    data = write_jsonl(tiny["examples"], tmp_path / "few.jsonl")
+    args = ["compose", *REFS, "--kind", "mixture", "--fit-data", str(data), "--steps", "2", "--base",
+            str(tiny["base_dir"]), "--quantize", "nf4", "--json"]
+    result = CliRunner().invoke(cli, [*args, "--routing", "sequence", "--name", "routed"])
+    assert result.exit_code == 0, result.output
+    assert hub.load("routed@1").config["router"]["routing"] == "sequence"
+    result = CliRunner().invoke(cli, [*args, "--routing", "per-word", "--name", "routed"])
+    assert result.exit_code == 2 and "per-word" in result.output
