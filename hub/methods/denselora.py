@@ -45,6 +45,7 @@ from hub.sites import (
     expect_linear,
     linear_dims,
     parameter,
+    require_grad,
     resolve_targets,
     site_device,
     target_modules,
@@ -144,10 +145,7 @@ class DenseLoraHandle:
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """This adapter's own tensors, each once, switched to require gradients."""
-        params = list(self.parameters())
-        for param in params:
-            param.requires_grad_(True)
-        return params
+        return require_grad(self.parameters())
 
     def to_adapter(self) -> Adapter:
         """The adapter as it is now (after training, with the trained tensors), in its file's keys and dtypes."""

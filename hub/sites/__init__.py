@@ -57,7 +57,7 @@ from hub.sites.deltas import (
     version_key,
 )
 from hub.sites.gates import GateContext, Route, gate_context
-from hub.sites.handle import FileLayout, SiteHandle, attach_deltas
+from hub.sites.handle import FileLayout, SiteHandle, attach_deltas, require_grad
 from hub.sites.quant import (
     base_bias,
     base_weight,
@@ -84,6 +84,7 @@ __all__ = [
     "GateContext", "InputTransform", "LowRankDelta", "OutputTransform", "Route", "SiteHandle", "Target",
     "attach_deltas", "base_bias", "base_weight", "disable_cpu_repacking", "expect_linear", "expect_shape",
     "find_module", "gate_context", "is_bnb_4bit", "is_bnb_8bit", "is_quantized", "linear_dims", "own_modules",
-    "parameter", "peft_targets", "quantization_of", "resolve_targets", "site_device", "sites", "target_modules",
+    "parameter", "peft_targets", "quantization_of", "require_grad", "resolve_targets", "site_device", "sites",
+    "target_modules",
     "needs_live", "unwrap", "version_key",
 ]

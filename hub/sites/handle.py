@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,10 +81,7 @@ class SiteHandle:
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """This adapter's own tensors, switched to require gradients; the base and other adapters stay frozen."""
-        params = list(self.parameters())
-        for param in params:
-            param.requires_grad_(True)
-        return params
+        return require_grad(self.parameters())
 
     def to_adapter(self) -> Adapter:
         """The adapter as it is now (after training: with the trained tensors), in its file's keys, dtypes and
@@ -193,3 +190,11 @@ def attach_deltas(model: nn.Module, deltas: dict[str, Delta], *, adapter: Adapte
             module = site
         module.add(name, delta, weight)
     return SiteHandle(model=model, name=name, method=adapter.method, paths=list(deltas), layout=layout)
+
+
+def require_grad(parameters: Iterable[nn.Parameter]) -> list[nn.Parameter]:
+    """``parameters`` as a list, each switched to require gradients (a handle's ``trainable_parameters``)."""
+    params = list(parameters)
+    for param in params:
+        param.requires_grad_(True)
+    return params
