@@ -31,6 +31,7 @@ import torch
 
 from hub.client import Hub
 from hub.composition import activate, compose
+from hub.errors import HubError
 from hub.evaluate import evaluate
 from hub.registry import Metric
 from hub.remote import Remote
@@ -54,7 +55,11 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     started = time.perf_counter()
     hub = Hub()
-    say(f"registry: {hub.settings.database_url}")
+    try:  # the registry is read first: one this release cannot use is refused before minutes of training
+        known = len(hub.bases())
+    except HubError as exc:
+        sys.exit(f"demo: {exc}")
+    say(f"registry: {hub.settings.database_url} ({known} bases known)")
 
     say("1. base")
     base_dir = smollm2_path()
