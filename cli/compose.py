@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import click
 
 from cli.output import WholeNumber, print_json
 from cli.train import DEVICE_HELP, STRUCTURAL_HELP, parse_device
-from hub.client import Hub
+from hub.client import Hub, check_name
 
 KINDS = ("sum", "stack", "mixture")
 
@@ -21,6 +22,13 @@ def parse_weights(text: str | None, *, option: str = "--weights") -> list[float]
         return [float(part) for part in text.split(",")]
     except ValueError:
         raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers", param_hint=option) from None
+
+
+def positive_number(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """A learning rate: finite and above 0 (click's FloatRange lets 'nan' through)."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise click.BadParameter(f"{value} is not a finite number above 0")
+    return value
 
 
 @click.command()
@@ -61,7 +69,7 @@ def parse_weights(text: str | None, *, option: str = "--weights") -> list[float]
 @click.option("--fit-examples", type=WholeNumber(), default=300, show_default=True,
               help="Distinct examples per --fit-task (the gate overfits a few repeated ones).")
 @click.option("--steps", type=WholeNumber(), default=40, show_default=True, help="mixture: gate training steps.")
-@click.option("--lr", type=float, default=None,
+@click.option("--lr", type=float, default=None, callback=positive_number,
               help="mixture: gate learning rate (default 0.01); --auto --search gradient: the weights' (0.1).")
 @click.option("--base", default=None,
               help="mixture, --auto: base folder or Hub model id ORG/NAME[@REVISION] (default: the inputs' base).")
@@ -85,11 +93,25 @@ def compose(refs: tuple[str, ...], name: str, weights: str | None, auto: bool, s
     hub compose date name record --kind mixture --fit-task date --fit-task name --fit-task record --name router
     hub compose date name record --auto --fit-data few.jsonl --name few-shot
     """
+    check_name(name)  # before the search, the gate's fit or the merge: none of that work is lost to a typo
     context = click.get_current_context()
-    given = [f"--{option}" for option in ("search", "budget", "l1", "bounds", "start")
-             if context.get_parameter_source(option) is not click.core.ParameterSource.DEFAULT]
-    if given and not auto:
-        raise click.UsageError(f"{', '.join(given)} set the --auto search: use them with --auto")
+
+    def given(*options: str) -> str:
+        return ", ".join(f"--{option.replace('_', '-')}" for option in options
+                         if context.get_parameter_source(option) is not click.core.ParameterSource.DEFAULT)
+
+    if given("search", "budget", "l1", "bounds", "start") and not auto:
+        raise click.UsageError(f"{given('search', 'budget', 'l1', 'bounds', 'start')} set the --auto search: use "
+                               "them with --auto")
+    # Options of another kind are refused rather than ignored: a forgotten --kind mixture would register a sum.
+    if kind != "mixture" and given("router", "routing", "temperature", "steps", "fit_examples"):
+        raise click.UsageError(f"{given('router', 'routing', 'temperature', 'steps', 'fit_examples')} set a "
+                               "mixture's gate: use them with --kind mixture")
+    if kind != "mixture" and not auto and given("top_k", "lr"):
+        raise click.UsageError(f"{given('top_k', 'lr')} apply to a mixture's gate (--kind mixture) or the --auto "
+                               "search")
+    if kind != "sum" and given("majority_sign"):
+        raise click.UsageError("--majority-sign applies to a sum's ties or dare_ties (--kind sum)")
     if auto:
         _compose_auto(list(refs), name=name, weights=weights, search=search, budget=budget, l1=l1, bounds=bounds,
                       start=start, top_k=top_k, kind=kind, strategy=strategy, rank=rank, density=density,
@@ -161,4 +183,7 @@ def _register(hub: Hub, result: Any, *, name: str, tags: tuple[str, ...], descri
         return
     verb = "registered" if registered.created else "already registered as"
     inputs = ", ".join(f"{p.ref} ×{p.weight:g}" for p in version.parents) or "adapters given in memory"
-    click.echo(f"{verb} {version.ref} ({version.method} of {inputs}; digest {version.digest[:12]})")
+    # A pruned or svd sum is stored factored at a rank: say how far that is from the exact result.
+    error = (version.recipe or {}).get("truncation_error")
+    stored = f"; rank {version.rank}, truncation error {error:.3g} (--rank keeps more)" if error else ""
+    click.echo(f"{verb} {version.ref} ({version.method} of {inputs}; digest {version.digest[:12]}{stored})")

@@ -65,12 +65,17 @@ class Ranked:
 def find_candidates(hub: Hub, base: Fingerprint, refs: Sequence[str] | None, query: Query) -> list[Candidate]:
     """What to score on ``base``: the versions ``refs`` (each checked to be for this base: exactly, in shapes
     only, or registered without one), else every version ``hub.compatible`` lists for it (filtered by ``query``,
-    every page). Raises NotFound (an unknown ref, nothing registered fits), Incompatible (a ref for another base).
+    every page). Raises NotFound (an unknown ref, nothing registered fits), Incompatible (a ref for another base,
+    one version listed twice, one string instead of a list).
     """
+    if isinstance(refs, str):  # a string is a sequence too: its characters would be looked up one by one
+        raise Incompatible(f"candidates is a list of references: give [{refs!r}], not {refs!r}")
     if refs is not None:
         found = []
         for ref in refs:
             version = hub.get(ref)
+            if any(c.ref == version.ref for c in found):
+                raise Incompatible(f"{version.ref} appears twice in the candidates; list each version once")
             if version.base is None:
                 found.append(Candidate(version.ref, None))
             elif version.base.weights_hash == base.weights_hash:
@@ -92,7 +97,11 @@ def find_candidates(hub: Hub, base: Fingerprint, refs: Sequence[str] | None, que
         if after is None or query.limit is not None:
             break
     if not found:
-        raise NotFound(f"no registered adapter fits base {base.weights_hash[:12]} ({base.architecture})")
+        # Name the filters: "nothing fits this base" would send a user with a mistyped --method looking elsewhere.
+        filters = ", ".join(f"{key}={value!r}" for key, value in query.filters().items()
+                            if value not in (None, (), False) and key not in ("after", "limit", "sort"))
+        raise NotFound(f"no registered adapter fits base {base.weights_hash[:12]} ({base.architecture})"
+                       + (f" with {filters}" if filters else ""))
     return found
 
 

@@ -114,6 +114,16 @@ def test_candidates_and_their_checks(hub, tiny, tmp_path):
         hub.rank([], base=tiny["nf4"])
 
 
+def test_a_version_listed_twice_or_one_string_for_the_list_is_refused(hub, tiny):
+    # Scoring one version twice is wasted work and a ranking with duplicate rows; a bare string would be looked
+    # up character by character ("no adapter named 't'").
+    for candidates, message in ((["target", "other", "target@latest"], "target@1 appears twice in the candidates"),
+                                ("target", r"candidates is a list of references: give \['target'\]")):
+        with pytest.raises(Incompatible, match=message) as caught:
+            hub.rank(tiny["examples"], base=tiny["nf4"], candidates=candidates, generate=False)
+        assert "\n" not in str(caught.value)
+
+
 def test_a_candidate_for_another_architecture_is_refused(hub, tiny, tmp_path):
     wide = tmp_path / "wide"
     torch.manual_seed(0)
@@ -144,6 +154,8 @@ def test_cli_rank_json_table_and_one_line_errors(hub, tiny, tmp_path):
     for args, message in ((["--data", str(empty)], "holds no examples"),
                           (["--data", str(broken)], "broken.jsonl:2: not valid JSON"),
                           (["--data", str(data), "--candidate", "nobody"], "nobody"),
+                          (["--data", str(data), "--candidate", "target", "--candidate", "target@1"], "appears twice"),
+                          (["--data", str(data), "--method", "loha"], "(LlamaForCausalLM) with method='loha'"),
                           (["--data", str(tmp_path / "missing.jsonl")], "does not exist")):
         result = runner.invoke(cli, ["rank", *args, "--base", base, "--quantize", "none"])
         assert result.exit_code == 1, result.output
