@@ -32,7 +32,7 @@ from hub.registry import (
     VersionInfo,
 )
 from hub.registry import Remote as RemoteRecord
-from hub.registry.refs import check_int
+from hub.registry.refs import check_description, check_int, check_name
 from hub.store import Store
 
 if TYPE_CHECKING:
@@ -47,8 +47,8 @@ if TYPE_CHECKING:
     from hub.remote import Remote as RemoteClient
     from hub.train import Recipe
 
-__all__ = ["Evaluation", "Hub", "Metric", "Parent", "Query", "Trained", "parse_metric", "parse_remote_ref",
-           "resolve_base"]
+__all__ = ["Evaluation", "Hub", "Metric", "Parent", "Query", "Trained", "check_name", "parse_metric",
+           "parse_remote_ref", "resolve_base"]
 
 log = logging.getLogger(__name__)
 
@@ -578,6 +578,9 @@ class Hub:
         from hub.train import Recipe
         from hub.train import train as run_training
 
+        check_name(name)  # before minutes of training: none of that work is lost to a typo in the name
+        if description is not None:
+            check_description(description)
         recipe = Recipe.from_dict(dict(recipe)) if isinstance(recipe, Mapping) else recipe or Recipe()
         path = resolve_base(base)
         tokenizer = load_tokenizer(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -33,8 +34,12 @@ def read_jsonl(path: str | os.PathLike[str], *, tokenizer: Any = None) -> list[E
     if not path.is_file():
         raise InvalidArtifact(f"{path} does not exist")
     examples = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:  # line by line, so a bad byte is reported where it is; a leading byte-order mark is accepted
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError:
+                raise InvalidArtifact(f"{path}:{number}: not UTF-8 text") from None
             if not line.strip():
                 continue
             try:
@@ -119,16 +124,41 @@ class Encoded:
 
 
 def encode(tokenizer: Any, example: Example, *, max_length: int, index: int | None = None) -> Encoded:
-    """Tokenize prompt and completion separately (so masking is exact) and append EOS so the model learns to stop."""
-    prompt = tokenizer(example.prompt, add_special_tokens=True)["input_ids"]
-    completion = tokenizer(example.completion, add_special_tokens=False)["input_ids"]
+    """Tokenize prompt and completion separately (so masking is exact) and append EOS so the model learns to stop.
+    Raises InvalidArtifact for an example that is not an ``Example`` or is longer than ``max_length`` tokens (``index``,
+    its position in the caller's list, names it)."""
+    where = f"example {index}" if index is not None else "an example"
+    if not isinstance(example, Example):
+        raise InvalidArtifact(f"{where} is a {type(example).__name__}, not a hub.data.Example(prompt, completion)")
+    too_long = f"{where} has {{}} tokens, longer than the model's context of {max_length}"
+    prompt = _token_ids(tokenizer, example.prompt, max_length, special=True, too_long=too_long)
+    completion = _token_ids(tokenizer, example.completion, max_length, special=False, too_long=too_long)
     if tokenizer.eos_token_id is not None:
         completion = [*completion, tokenizer.eos_token_id]
     ids = prompt + completion
     if len(ids) > max_length:
-        where = f"example {index}" if index is not None else "an example"
-        raise InvalidArtifact(f"{where} has {len(ids)} tokens, longer than the model's context of {max_length}")
+        raise InvalidArtifact(too_long.format(len(ids)))
     return Encoded(input_ids=ids, labels=[-100] * len(prompt) + completion, prompt_length=len(prompt))
+
+
+def _token_ids(tokenizer: Any, text: str, max_length: int, *, special: bool, too_long: str) -> list[int]:
+    """``text``'s token ids. A text far longer than the context is first tokenized only as far as it takes to know
+    that it cannot fit (a 20 MB line cost minutes and 8 GB before it was refused): no token stands for more
+    characters than the vocabulary's longest entry, so a head of 4× that many per context position holds more
+    tokens than fit, unless the tokenizer drops characters (then the whole text is tokenized after all)."""
+    head = 4 * max_length * _longest_token(tokenizer)
+    if len(text) > head:
+        count = len(tokenizer(text[:head], add_special_tokens=special)["input_ids"])
+        if count > max_length + 1:  # + 1: cutting the text may split its last token in two
+            raise InvalidArtifact(too_long.format(f"more than {max_length}") + f" ({len(text)} characters)")
+    return tokenizer(text, add_special_tokens=special)["input_ids"]
+
+
+@functools.lru_cache(maxsize=8)
+def _longest_token(tokenizer: Any) -> int:
+    """Characters in the tokenizer's longest vocabulary entry (as stored: byte-level BPE spells each byte as one
+    character, so this bounds the characters a token stands for)."""
+    return max(map(len, tokenizer.get_vocab()), default=1)
 
 
 def encode_all(model: Any, tokenizer: Any, examples: Sequence[Example]) -> tuple[list[Encoded], int]:

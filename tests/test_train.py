@@ -393,6 +393,28 @@ def test_malformed_data_files_name_the_line(lines: list[str], message: str, tmp_
         read_jsonl(path, tokenizer=char_tokenizer())
 
 
+def test_data_files_must_be_utf8_and_may_start_with_a_byte_order_mark(tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "a", "completion": "b"}\n{"prompt": "\xff", "completion": "b"}\n')
+    with pytest.raises(InvalidArtifact, match=r"^\S*bad\.jsonl:2: not UTF-8 text$"):
+        read_jsonl(path)
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "a", "completion": "b"}\n')
+    assert read_jsonl(path) == [Example(prompt="a", completion="b")]
+
+
+def test_an_example_far_longer_than_the_context_is_refused_without_tokenizing_it_all(tokenizer: Any) -> None:
+    # 20 MB of text: tokenized whole, the char tokenizer would take minutes and gigabytes before the refusal.
+    huge = Example(prompt="x" * 20_000_000, completion=" y")
+    with pytest.raises(InvalidArtifact, match=r"^example 0 has more than 128 tokens, longer than the model's context "
+                                              r"of 128 \(20000000 characters\)$"):
+        encode(tokenizer, huge, max_length=128, index=0)
+
+
+def test_examples_must_be_examples(tokenizer: Any) -> None:
+    with pytest.raises(InvalidArtifact, match=r"^example 3 is a dict, not a hub.data.Example\(prompt, completion\)$"):
+        encode(tokenizer, {"prompt": "a", "completion": "b"}, max_length=128, index=3)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # SmolLM2 on nf4 (slow)
 

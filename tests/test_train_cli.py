@@ -94,6 +94,9 @@ def test_bad_data_and_bases_are_one_line(hub_home: Path, tiny_base: Path, tmp_pa
     assert result.exit_code == 1 and "has no tokenizer to train with" in result.output
     result = run("demo", "--task", "date", "--base", str(tmp_path / "missing"), *FAST)
     assert result.exit_code == 1 and "error: no model folder or file at" in result.output
+    # The name is checked first, before the base is even looked at: a typo costs no training.
+    result = run("bad name", "--task", "date", "--base", str(tmp_path / "missing"), *FAST)
+    assert result.exit_code == 1 and "error: invalid adapter name 'bad name'" in result.output
     assert not Hub().list()
 
 
