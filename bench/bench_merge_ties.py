@@ -18,6 +18,9 @@ shared: the load average is printed beside the figures.
 
     .venv/bin/python bench/bench_merge_ties.py             # both models
     .venv/bin/python bench/bench_merge_ties.py --layers 4  # the 7B shapes with 4 layers instead of 32
+
+Both sides run on torch's thread count (the printed one; OMP_NUM_THREADS=1 for one): ours merges that many modules
+at a time, each on one thread; PEFT splits each operation across them.
 """
 
 from __future__ import annotations

@@ -362,6 +362,24 @@ def test_pruned_merge_that_fits_its_rank_reports_no_truncation(blocked_trio):
         assert result.truncation[path] < 1e-5
 
 
+@pytest.mark.parametrize("strategy", ["ties", "dare_ties"])
+def test_pruned_merge_is_the_same_bit_for_bit_on_one_thread_or_two(blocked_trio, strategy):
+    # Modules are merged on torch.get_num_threads() threads at once: a seed must give the same adapter either way.
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            results.append(merge(blocked_trio, BLOCKED_WEIGHTS, strategy=strategy, density=0.3, seed=5, rank=6))
+            assert torch.get_num_threads() == count  # the caller's setting is restored
+    finally:
+        torch.set_num_threads(threads)
+    one, two = results
+    assert one.adapter.tensors.keys() == two.adapter.tensors.keys()
+    assert all(torch.equal(one.adapter.tensors[k], two.adapter.tensors[k]) for k in one.adapter.tensors)
+    assert one.truncation == two.truncation
+
+
 def test_svd_reports_the_error_of_its_truncation(blocked_trio):
     result = merge(blocked_trio, BLOCKED_WEIGHTS, strategy="svd", rank=5)
     got = merged_deltas(result.adapter)

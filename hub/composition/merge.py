@@ -16,9 +16,10 @@ Then, per module (a module present in only some adapters gets only their deltas)
 - ``svd``: the optimal rank-``rank`` truncation of that sum, from the factors (QR + small SVD, see lowrank.py);
 - ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``: PEFT's merge_utils semantics (TIES: Yadav et al.
   2023; DARE: Yu et al. 2024) applied to the true deltas ΔWᵢ, not to their factors as PEFT's add_weighted_adapter
-  does (pruning is elementwise, so it depends on the factorization there). Modules are merged one at a time and
-  each a block of rows at a time: the inputs' dense deltas exist one block at a time, the merged d×k delta is
-  the only whole dense matrix (one at a time, in a buffer reused from module to module). Magnitude pruning keeps
+  does (pruning is elementwise, so it depends on the factorization there). Modules are merged on
+  torch.get_num_threads() threads at once, each module on one thread (the result does not depend on the count),
+  and each a block of rows at a time: the inputs' dense deltas exist one block at a time, the merged d×k delta is
+  the only whole dense matrix (one per thread, in a buffer reused from module to module). Magnitude pruning keeps
   each delta's int(density·d·k) largest |entries| (all those tied with the threshold), the threshold selected
   exactly in O(d·k); DARE keeps each entry with probability ``density`` from its own seeded stream per module and
   input (see _dare_prune), so a seed reproduces the merge whatever the order or blocks. The merged delta is then
@@ -37,10 +38,13 @@ from __future__ import annotations
 import hashlib
 import math
 import numbers
+import queue
 import re
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -60,6 +64,10 @@ MAJORITY_SIGNS = ("total", "frequency")
 BASE_COPY = ".base_layer."
 # Entries sampled (at most) to bracket a magnitude threshold: the bracket holds about 10/√(sample) of the entries.
 THRESHOLD_SAMPLE = 1 << 16
+
+_T = TypeVar("_T")
+# Held while a merge has set torch's process-wide thread count to 1 (_map_modules).
+_THREAD_COUNT = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -104,8 +112,16 @@ def merge(
 
     Returns the adapter, its recipe and, for ``svd`` and the pruning strategies, the relative Frobenius error of
     its factors per module and overall (MergeResult.truncation, .truncation_error). Memory: the inputs' factors
-    plus, for the pruning strategies, one module's dense merged delta (d×k in float32: 180 MB at 4096×11008) and
-    its sample for the range finder (d×(Σ input ranks + rank + 10)).
+    plus, for the pruning strategies, per thread (torch.get_num_threads(), see the module docstring) one module's
+    dense merged delta (d×k in float32: 180 MB at 4096×11008), its sample for the range finder (d×(Σ input ranks
+    + rank + 10)) and one block of each input's delta (2¹⁸ entries each: 4 MiB for 4 inputs). The inputs' whole
+    deltas are never held: ties and magnitude_prune form each block twice (first to select the exact threshold)
+    rather than keep inputs×d×k (720 MB per thread at 11008×4096 with 4 inputs), since rereading them from memory
+    costs about what the rank-r product costs. Time at 7B shapes (224 modules, 4 rank-16 inputs, rank 16): 4.5-6
+    CPU-s per layer of 7 modules for ties, 4-5.5 for dare_ties (150-200 CPU-s in all, spread over the threads: 3.3 s
+    a layer on 2 free cores; bench/bench_merge_ties.py), of which ~2 s are fixed by the results: the rank-16
+    products (0.5 s a pass; ties makes two), the range finder's sample M·Ω (0.6 s) and, for DARE, the seeded SFC64
+    draws (1 s).
     Raises Incompatible (one line) for bad options, mismatched layouts or methods that cannot be summed.
     """
     adapters = list(adapters)
@@ -229,18 +245,18 @@ def _merge_low_rank(adapters: list[Adapter], weights: list[float], strategy: str
     if strategy in PRUNING_STRATEGIES and any(t.bias is not None for ts in by_module.values() for _, t in ts):
         raise Incompatible(f"adapters with lora_bias can be merged by 'exact' or 'svd', not by {strategy!r}")
 
+    paths = sorted(by_module)
     if strategy in PRUNING_STRATEGIES:
-        # One merged dense delta at a time, in memory touched once: fresh pages cost a fault per 4 KiB, a tenth of
-        # the time of the merge itself.
-        arena = torch.empty(max(math.prod(terms[0][1].shape) for terms in by_module.values()), dtype=work)
+        outcomes = _map_modules(
+            lambda path, arena: _sum_pruned(path, [(i, weights[i], term) for i, term in by_module[path]], strategy,
+                                            rank, density, majority_sign, seed, arena),
+            paths, max(math.prod(terms[0][1].shape) for terms in by_module.values()), work)
+    else:
+        outcomes = [_sum_factored([(weights[i], term) for i, term in by_module[path]], strategy, rank)
+                    for path in paths]
     merged: dict[str, Term] = {}
     errors: dict[str, tuple[float, float]] = {}
-    for path in sorted(by_module):
-        if strategy in ("exact", "svd"):
-            outcome = _sum_factored([(weights[i], term) for i, term in by_module[path]], strategy, rank)
-        else:
-            outcome = _sum_pruned(path, [(i, weights[i], term) for i, term in by_module[path]], strategy, rank,
-                                  density, majority_sign, seed, arena)
+    for path, outcome in zip(paths, outcomes, strict=True):
         if outcome is not None:
             merged[path], *squares = outcome
             errors[path] = tuple(squares)
@@ -253,6 +269,42 @@ def _merge_low_rank(adapters: list[Adapter], weights: list[float], strategy: str
         merged_adapter = Adapter(config={**merged_adapter.config, "modules_to_save": saved},
                                  tensors=merged_adapter.tensors)
     return merged_adapter, (None if strategy == "exact" else errors)
+
+
+def _map_modules(merge_one: Callable[[str, torch.Tensor], _T], paths: list[str], arena_size: int,
+                 dtype: torch.dtype) -> list[_T]:
+    """``merge_one(path, arena)`` for every path, on torch.get_num_threads() threads at once, each with its own
+    arena (``arena_size`` entries of ``dtype``) and single-threaded kernels; torch and numpy release the GIL.
+    Modules are independent, so whole modules in parallel use the cores fully where splitting each block's short
+    kernels across threads does not (5-8× slower on 2 loaded cores), and a module's result is the same bit for bit
+    whatever the number of threads (multi-threaded kernels sum in another order). torch's thread count is 1
+    process-wide for the duration, then restored."""
+    # One merge at a time per process: two interleaved ones would each restore the other's "1" as the count.
+    with _THREAD_COUNT:
+        threads = torch.get_num_threads()
+        workers = max(1, min(threads, len(paths)))
+        # One merged dense delta per thread at a time, in memory touched once: fresh pages cost a fault per 4 KiB,
+        # a tenth of the time of the merge itself.
+        arenas: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
+        for _ in range(workers):
+            arenas.put(torch.empty(arena_size, dtype=dtype))
+
+        def run(path: str) -> _T:
+            arena = arenas.get()
+            try:
+                return merge_one(path, arena)
+            finally:
+                arenas.put(arena)
+
+        torch.set_num_threads(1)
+        try:
+            if workers == 1:
+                return [run(path) for path in paths]
+            # Each new thread sets its own count too: until it does, its OpenMP kernels take OMP_NUM_THREADS threads.
+            with ThreadPoolExecutor(max_workers=workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+                return list(pool.map(run, paths))
+        finally:
+            torch.set_num_threads(threads)
 
 
 def _carried(adapters: list[Adapter]) -> dict[str, torch.Tensor]:
@@ -429,12 +481,13 @@ def _kth_largest_abs(b: torch.Tensor, a: torch.Tensor, keep: int, blocks: list[s
     above, inside = 0, []
     for block in blocks:
         # numpy's comparisons, counts and boolean selection run several times faster than torch's on the CPU.
-        magnitudes = torch.mm(b[block], a, out=buffer[:b[block].shape[0]]).numpy()
+        magnitudes = torch.mm(b[block], a, out=buffer[:b[block].shape[0]]).numpy().reshape(-1)
         np.abs(magnitudes, out=magnitudes)
         over_low = magnitudes > low
         over_high = magnitudes > high
         above += int(np.count_nonzero(over_high))
-        inside.append(magnitudes[over_low ^ over_high])  # high ≥ low, so this is low < |x| ≤ high
+        # high ≥ low, so this is low < |x| ≤ high; compress takes them faster than a boolean index.
+        inside.append(np.compress(over_low ^ over_high, magnitudes))
     candidates = np.concatenate(inside)
     if not above < keep <= above + candidates.size:
         candidates, above = np.abs(np.concatenate([(b[block] @ a).numpy().reshape(-1) for block in blocks])), 0
