@@ -9,16 +9,19 @@ tasks; a few minutes each on a busy CPU, then cached under .cache/bench-compose-
 1. Rank: five test examples of each task; the position of the task's own expert among the whole pool (exact match
    first, then loss), and the seconds the ranking took (one base load, every adapter attached in turn).
 2. Every single adapter and the fixed-weight merges (uniform 1/K over the pool, 1/3 over the experts, the experts
-   at 1 each) scored by exact match on ``--test`` held-out examples per task (a single adapter is the one-hot
-   fixed-weight merge: "best single" is the best of them).
+   at 1 each; with ``--grid`` also each expert at 1 with another at 0.25 or 0.5, and all three at 0.5) scored by
+   exact match on ``--test`` held-out examples per task (a single adapter is the one-hot fixed-weight merge: "best
+   single" is the best of them).
 3. A mixed few-shot set (N per task): ``compose(pool, "auto")`` (``--start rank``: the default, retrieval first;
-   ``--start zero``: LoraHub's search from 0 over every weight) merged (exact sum) and scored on the same test
-   examples, against every fixed merge of step 2, per task and mixed (the mean over the tasks), and its time.
+   ``--start zero --objective loss``: LoraHub's search from 0 over every weight) merged (exact sum) and scored on
+   the same test examples, against every fixed merge of step 2, per task and mixed (the mean over the tasks), and
+   its time.
 4. Auto weights per task, fitted on N train examples of the task, against the task's own expert (target: >= 95%
    of it), the best single adapter and the best fixed merge on that task.
 
     .venv/bin/python bench/bench_compose_auto.py [--threads 2] [--sizes 5,20] [--test 30] [--budget 40]
         [--randoms 8] [--trained-distractors] [--start rank|zero] [--sigma 0.5] [--top-k 3] [--rank-by-loss]
+        [--objective match_probability|loss] [--grid]
         [--tasks date,name,record (empty: no step 4)] [--skip-rank] [--skip-mixed]
 """
 
@@ -121,11 +124,13 @@ def main() -> None:
     parser.add_argument("--sigma", type=float, default=SearchConfig.sigma)
     parser.add_argument("--top-k", type=int, default=SearchConfig.top_k)
     parser.add_argument("--method", choices=["cma", "gradient"], default="cma")
+    parser.add_argument("--objective", choices=["match_probability", "loss"], default=SearchConfig.objective)
     parser.add_argument("--tasks", default=",".join(TASKS), help="the tasks of step 4 (empty: none)")
     parser.add_argument("--randoms", type=int, default=RANDOM_LORAS, help="random LoRAs in the pool")
     parser.add_argument("--skip-rank", action="store_true")
     parser.add_argument("--skip-mixed", action="store_true")
     parser.add_argument("--trained-distractors", action="store_true")
+    parser.add_argument("--grid", action="store_true", help="step 2: also pairs of experts at 1 and 0.25 / 0.5")
     parser.add_argument("--rank-by-loss", action="store_true", help="rank without generating (no exact match)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -173,6 +178,10 @@ def main() -> None:
     fixed = {"uniform 1/K over the pool": compose(refs, [1 / len(refs)] * len(refs), hub=hub),
              "uniform 1/3 over the experts": compose(experts, [1 / 3] * 3, hub=hub),
              "the experts at 1 each": compose(experts, hub=hub)}
+    if args.grid:  # is any static weighting of the experts better than the best one alone?
+        fixed.update({f"{a} 1 + {b} {w}": compose([a, b], [1.0, w], hub=hub)
+                      for a in experts for b in experts if a != b for w in (0.25, 0.5)})
+        fixed["the experts at 0.5 each"] = compose(experts, [0.5] * 3, hub=hub)
     fixed_scores = {label: {name: exact_match(base, c, tests[name]) for name in TASKS} for label, c in fixed.items()}
     best_single = max(refs, key=lambda ref: sum(singles[ref].values()))
     print(f"\n## 2. fixed-weight merges, exact match on {args.test} held-out examples per task\n")
@@ -184,7 +193,7 @@ def main() -> None:
         print(row(label, scores), flush=True)
 
     settings = SearchConfig(method=args.method, budget=args.budget, sigma=args.sigma, start=args.start,
-                            top_k=args.top_k if args.start == "rank" else None)
+                            top_k=args.top_k if args.start == "rank" else None, objective=args.objective)
     if not args.skip_mixed:
         print(f"\n## 3. mixed few-shot sets (N per task) vs every fixed-weight merge above ({settings.to_dict()})\n")
         print("| composition | " + " | ".join(TASKS) + " | mixed | search s |")
@@ -198,7 +207,8 @@ def main() -> None:
             scores = {name: exact_match(base, auto, tests[name]) for name in TASKS}
             print(row(f"auto, {size} per task", scores, f" {auto.search.seconds:.1f} |"), flush=True)
             print(f"<!-- weights: {', '.join(f'{r} {w:+.2f}' for r, w in zip(refs, auto.search.weights, strict=True))}"
-                  f"; {auto.search.evaluations} evaluations, loss {auto.search.loss:.3f} -->")
+                  f"; {auto.search.evaluations} evaluations, objective {auto.search.objective:.3f}, loss "
+                  f"{auto.search.loss:.3f} -->")
     print("\n## 4. auto weights over the whole pool, per task\n")
     print("| task | fit examples | auto | own expert | auto / expert | best single | best fixed merge "
           "| top weights | search s |")

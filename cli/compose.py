@@ -47,6 +47,9 @@ def positive_number(ctx: click.Context, param: click.Parameter, value: float | N
 @click.option("--start", type=click.Choice(["rank", "zero"]), default="rank", show_default=True,
               help="--auto: score each REF alone first and search the --top-k best (default 3) from the best,"
                    " or LoraHub's search of every weight from 0.")
+@click.option("--objective", type=click.Choice(["match_probability", "loss"]), default="match_probability",
+              show_default=True, help="--auto: minimise 1 - the mean probability of each whole completion, or the"
+                                      " mean token loss (LoraHub's).")
 @click.option("--kind", type=click.Choice(KINDS), default="sum", show_default=True,
               help="sum: one merged adapter; stack: all active together; mixture: experts behind a trained gate.")
 @click.option("--strategy", default="exact", show_default=True,
@@ -81,8 +84,9 @@ def positive_number(ctx: click.Context, param: click.Parameter, value: float | N
 @click.option("--description", default=None)
 @click.option("--json", "as_json", is_flag=True, help="Print the new version as JSON.")
 def compose(refs: tuple[str, ...], name: str, weights: str | None, auto: bool, search: str, budget: int, l1: float,
-            bounds: str, start: str, kind: str, strategy: str, rank: int | None, density: float | None,
-            majority_sign: str, seed: int, router: str, routing: str, top_k: int | None, temperature: float,
+            bounds: str, start: str, objective: str, kind: str, strategy: str, rank: int | None,
+            density: float | None, majority_sign: str, seed: int, router: str, routing: str, top_k: int | None,
+            temperature: float,
             fit_tasks: tuple[str, ...], fit_data: str | None, fit_examples: int, steps: int, lr: float | None,
             base: str | None, quantize: str, device: str | None, allow_structural: bool, tags: tuple[str, ...],
             description: str | None, as_json: bool) -> None:
@@ -100,9 +104,9 @@ def compose(refs: tuple[str, ...], name: str, weights: str | None, auto: bool, s
         return ", ".join(f"--{option.replace('_', '-')}" for option in options
                          if context.get_parameter_source(option) is not click.core.ParameterSource.DEFAULT)
 
-    if given("search", "budget", "l1", "bounds", "start") and not auto:
-        raise click.UsageError(f"{given('search', 'budget', 'l1', 'bounds', 'start')} set the --auto search: use "
-                               "them with --auto")
+    searching = ("search", "budget", "l1", "bounds", "start", "objective")
+    if given(*searching) and not auto:
+        raise click.UsageError(f"{given(*searching)} set the --auto search: use them with --auto")
     # Options of another kind are refused rather than ignored: a forgotten --kind mixture would register a sum.
     if kind != "mixture" and given("router", "routing", "temperature", "steps", "fit_examples"):
         raise click.UsageError(f"{given('router', 'routing', 'temperature', 'steps', 'fit_examples')} set a "
@@ -114,8 +118,8 @@ def compose(refs: tuple[str, ...], name: str, weights: str | None, auto: bool, s
         raise click.UsageError("--majority-sign applies to a sum's ties or dare_ties (--kind sum)")
     if auto:
         _compose_auto(list(refs), name=name, weights=weights, search=search, budget=budget, l1=l1, bounds=bounds,
-                      start=start, top_k=top_k, kind=kind, strategy=strategy, rank=rank, density=density,
-                      majority_sign=majority_sign,
+                      start=start, objective=objective, top_k=top_k, kind=kind, strategy=strategy, rank=rank,
+                      density=density, majority_sign=majority_sign,
                       seed=seed, fit_tasks=fit_tasks, fit_data=fit_data, lr=lr, base=base, quantize=quantize,
                       device=device, allow_structural=allow_structural, tags=tags, description=description,
                       as_json=as_json)
@@ -141,8 +145,8 @@ def compose(refs: tuple[str, ...], name: str, weights: str | None, auto: bool, s
 
 
 def _compose_auto(refs: list[str], *, name: str, weights: str | None, search: str, budget: int, l1: float,
-                  bounds: str, start: str, top_k: int | None, kind: str, strategy: str, rank: int | None,
-                  density: float | None, majority_sign: str,
+                  bounds: str, start: str, objective: str, top_k: int | None, kind: str, strategy: str,
+                  rank: int | None, density: float | None, majority_sign: str,
                   seed: int, fit_tasks: tuple[str, ...], fit_data: str | None, lr: float | None, base: str | None,
                   quantize: str, device: str | None, allow_structural: bool, tags: tuple[str, ...],
                   description: str | None, as_json: bool) -> None:
@@ -161,7 +165,8 @@ def _compose_auto(refs: list[str], *, name: str, weights: str | None, search: st
     if top_k is not None and start != "rank":
         raise click.UsageError("--top-k with --auto chooses the REFs searched after ranking them (--start rank)")
     settings = {"method": search, "budget": budget, "l1": l1, "bounds": low_high, "seed": seed, "start": start,
-                **({"lr": lr} if lr is not None else {}), **({"top_k": top_k} if top_k is not None else {})}
+                "objective": objective, **({"lr": lr} if lr is not None else {}),
+                **({"top_k": top_k} if top_k is not None else {})}
     hub = Hub()
     result = hub.compose(refs, "auto", strategy=strategy, rank=rank, density=density, majority_sign=majority_sign,
                          seed=seed, data=fit_data, search=settings, base=base,
@@ -169,7 +174,8 @@ def _compose_auto(refs: list[str], *, name: str, weights: str | None, search: st
     if not as_json:
         found = result.search
         click.echo(f"weights {', '.join(f'{w:.3f}' for w in found.weights)} ({search}, {found.evaluations} "
-                   f"evaluations on {found.examples} examples, loss {found.loss:.4f}, {found.seconds:.1f} s)",
+                   f"evaluations on {found.examples} examples, {objective} {found.objective:.4f}, loss "
+                   f"{found.loss:.4f}, {found.seconds:.1f} s)",
                    err=True)
     _register(hub, result, name=name, tags=tags, description=description, as_json=as_json)
 

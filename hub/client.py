@@ -479,12 +479,9 @@ class Hub:
         ``router`` may be a RouterConfig or its fields; ``search`` (for ``weights="auto"``) a SearchConfig, its
         method or its fields."""
         from hub.composition import RouterConfig, compose
-        from hub.composition.auto import SearchConfig
 
         if isinstance(options.get("router"), Mapping):
             options["router"] = RouterConfig(**options["router"])
-        if isinstance(options.get("search"), Mapping):
-            options["search"] = SearchConfig(**options["search"])
         return compose(inputs, weights, hub=self, **options)
 
     def activate(self, model: Any, source: Any, *, name: str | None = None, allow_structural: bool = False) -> Any:

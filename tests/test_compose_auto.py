@@ -7,19 +7,22 @@ that works finds weights that fit them better than any fixed uniform merge, with
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 from click.testing import CliRunner
-from test_rank import generated, hub, tiny  # noqa: F401  (fixtures)
+from peft import IA3Config
+from test_rank import PROMPTS, generated, hub, save_adapter, tiny  # noqa: F401  (fixtures)
 
 from cli.main import cli
 from hub import compose
-from hub.composition.auto import SearchConfig, search_weights
+from hub.composition.auto import MATCH_LOSS_SHARE, SearchConfig, examples_digest, search_weights
 from hub.composition.members import resolve
-from hub.data import write_jsonl
+from hub.data import encode, write_jsonl
 from hub.errors import Incompatible
 from hub.evaluate import evaluate
+from hub.formats import read_adapter
 from hub.runtime import load_base
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -89,6 +92,56 @@ def test_the_search_starts_from_retrieval_and_ends_no_worse_than_the_best_adapte
     assert lorahub.alone == [] and lorahub.searched == [0, 1, 2] and lorahub.evaluations == 6
 
 
+def test_retrieval_searches_the_adapter_best_on_most_examples_not_the_lowest_mean_loss(hub, tiny):  # noqa: F811
+    # A mixed set: four short answers of "target", two long ones of "other". The mean loss per token is dominated
+    # by the long answers, so it ranks "other" first; "target" is the best adapter on most examples.
+    base = tiny["nf4"]
+    short = generated(base, read_adapter(tiny["loras"]["target"]), PROMPTS[:4], new_tokens=2)
+    long = generated(base, read_adapter(tiny["loras"]["other"]), PROMPTS[4:], new_tokens=24)
+    mixed = short + long
+    search = compose(REFS, "auto", examples=mixed, base=base, hub=hub,
+                     search=SearchConfig(budget=6, top_k=1)).search
+    per_example = [{r.ref: r.loss for r in hub.rank([ex], base=base, candidates=REFS, generate=False)}
+                   for ex in mixed]
+    best = [REFS.index(min(losses, key=losses.get).removesuffix("@1")) for losses in per_example]
+    assert search.wins == [best.count(i) for i in range(3)]
+    assert search.alone.index(min(search.alone)) != search.wins.index(max(search.wins))  # the case this is about
+    assert search.searched == [search.wins.index(max(search.wins))]
+
+
+def completion_log_probs(base, examples) -> list[float]:
+    """log P(completion | prompt) of each example under ``base``'s model as it stands: the summed log-probabilities
+    of the completion's tokens (and EOS), computed here one example at a time."""
+    values = []
+    for example in examples:
+        encoded = encode(base.tokenizer, example, max_length=128)
+        with torch.no_grad():
+            logits = base.model(input_ids=torch.tensor([encoded.input_ids])).logits[0, :-1].float()
+        targets = torch.tensor(encoded.labels[1:])
+        values.append(-float(torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")))
+    return values
+
+
+@pytest.mark.parametrize("objective", ["match_probability", "loss"])
+def test_the_objective_is_what_the_weighted_sum_scores_on_the_examples(hub, tiny, objective):  # noqa: F811
+    base, examples = tiny["nf4"], tiny["examples"]
+    settings = SearchConfig(budget=8, top_k=2, objective=objective)
+    search = compose(REFS, "auto", examples=examples, base=base, hub=hub, search=settings).search
+    handle = compose(REFS, search.weights, hub=hub).attach(base.model)
+    try:
+        log_probs = completion_log_probs(base, examples)
+    finally:
+        handle.detach()
+    penalty = settings.l1 * sum(abs(w) for w in search.weights) / len(REFS)
+    tokens = sum(sum(label != -100 for label in encode(base.tokenizer, ex, max_length=128).labels) for ex in examples)
+    assert search.loss == pytest.approx(-sum(log_probs) / tokens, rel=1e-3)
+    # match_probability: 1 - the mean probability of each whole completion (the exact match expected by sampling).
+    expected = search.loss if objective == "loss" else \
+        1 - sum(math.exp(lp) for lp in log_probs) / len(log_probs) + MATCH_LOSS_SHARE * search.loss
+    assert search.objective == pytest.approx(expected + penalty, rel=1e-3, abs=1e-5)
+    assert search.objective == pytest.approx(min(search.history), rel=1e-4)  # the best point evaluated is kept
+
+
 def test_registered_recipe_and_lineage_record_the_search(hub, tiny):  # noqa: F811
     merged = compose(REFS, "auto", examples=tiny["examples"], base=tiny["nf4"], search=SearchConfig(budget=12, l1=0.1),
                      strategy="svd", rank=4, hub=hub)
@@ -96,6 +149,7 @@ def test_registered_recipe_and_lineage_record_the_search(hub, tiny):  # noqa: F8
     search = version.recipe["search"]
     assert search["method"] == "cma" and search["budget"] == 12 and search["bounds"] == [-1.5, 1.5]
     assert search["l1"] == 0.1 and search["seed"] == 0 and search["examples"] == len(tiny["examples"])
+    assert search["examples_sha256"] == examples_digest(tiny["examples"]) != examples_digest(tiny["examples"][1:])
     assert search["weights"] == pytest.approx([m.weight for m in merged.members], abs=1e-6)
     assert search["loss"] > 0 and version.recipe["strategy"] == "svd"
     assert [round(p.weight, 6) for p in version.parents] == pytest.approx(search["weights"], abs=1e-6)
@@ -106,13 +160,14 @@ def test_cli_compose_auto_registers_and_bad_inputs_exit_with_one_line(hub, tiny,
     data = write_jsonl(tiny["examples"], tmp_path / "few.jsonl")
     runner = CliRunner()
     common = ["compose", *REFS, "--auto", "--base", str(tiny["base_dir"]), "--quantize", "nf4"]
-    result = runner.invoke(cli, [*common, "--fit-data", str(data), "--budget", "10", "--top-k", "2", "--name", "auto",
-                                 "--json"])
+    result = runner.invoke(cli, [*common, "--fit-data", str(data), "--budget", "10", "--top-k", "2", "--objective",
+                                 "loss", "--name", "auto", "--json"])
     assert result.exit_code == 0, result.output
     version = json.loads(result.stdout)
     search = version["recipe"]["search"]
     assert search["budget"] == 10 and len(version["parents"]) == 3
     assert search["start"] == "rank" and search["top_k"] == 2 and len(search["searched"]) == 2
+    assert search["objective"] == "loss" and search["objective"] != SearchConfig().objective
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     for args, message in ((["--fit-data", str(empty)], "holds no examples"),
@@ -131,14 +186,35 @@ def test_cli_compose_auto_registers_and_bad_inputs_exit_with_one_line(hub, tiny,
     ({"kind": "stack", "examples": "x"}, "fits a weighted sum"),
     ({"search": "anneal", "examples": "x"}, "unknown weight search"),
     ({"search": SearchConfig(budget=3), "examples": "x"}, "give a budget above 3"),
+    ({"search": {"budget": 5, "steps": 3}, "examples": "x"}, "unknown search setting steps"),
+    ({"search": {"bounds": (0.5, 1.0)}, "examples": "x"}, r"low <= 0 <= high"),
+    ({"search": {"bounds": (0, 1, 2)}, "examples": "x"}, r"two numbers \(low, high\)"),
+    ({"search": ["cma"], "examples": "x"}, "not a list"),
 ])
 def test_bad_auto_inputs_are_refused_with_one_line(hub, tiny, options, message):  # noqa: F811
     options = {k: tiny["examples"] if v == "x" else v for k, v in options.items()}
     with pytest.raises(Incompatible, match=message) as caught:
         compose(REFS, "auto", base=tiny["nf4"], hub=hub, **options)
     assert "\n" not in str(caught.value)
+    with pytest.raises(Incompatible, match="unknown objective 'em' \\(known: loss, match_probability\\)"):
+        SearchConfig(objective="em")
     with pytest.raises(Incompatible, match="apply to fitting the weights"):
         compose(REFS, [1, 1, 1], examples=tiny["examples"], hub=hub)
+
+
+def test_only_distinct_lora_family_adapters_are_searched(hub, tiny, tmp_path):  # noqa: F811
+    # A gate on IA3's scaling vectors or on virtual tokens is not the weighted sum the merge then makes: the recipe's
+    # score would not be the registered adapter's. The same adapter twice makes a degenerate search.
+    config = IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"],
+                       init_ia3_weights=False)
+    for seed, name in enumerate(("scales", "more-scales")):
+        hub.register(save_adapter(tiny["base_dir"], tmp_path / name, config, seed=seed), name=name,
+                     base=tiny["base_dir"])
+    for refs, message in ((["scales", "more-scales"], r"scales@1 \(ia3\): weights='auto' searches sums of "
+                                                      "additive adapters"),
+                          (["target", "other", "target@1"], "target@1 appears twice in the weight search")):
+        with pytest.raises(Incompatible, match=message):
+            compose(refs, "auto", examples=tiny["examples"], base=tiny["nf4"], hub=hub)
 
 
 def test_cli_mixture_takes_its_routing(hub, tiny, tmp_path):  # noqa: F811

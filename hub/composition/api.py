@@ -3,8 +3,9 @@ registered version (plain adapter, merged adapter, stack or mixture) or composit
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from hub.composition.auto import SearchConfig, fit_weights
@@ -48,7 +49,7 @@ def compose(
     router: RouterConfig | None = None,
     examples: Sequence[Example] = (),
     data: str | os.PathLike[str] | None = None,
-    search: SearchConfig | str | None = None,
+    search: SearchConfig | Mapping[str, Any] | str | None = None,
     base: str | os.PathLike[str] | Any | None = None,
     quantize: str | None = "nf4",
     device: str | None = None,
@@ -63,15 +64,16 @@ def compose(
     * ``kind="stack"``: a ``Stack``, the adapters (any methods) active together at their weights;
     * ``kind="mixture"``: a ``Mixture``, the adapters as experts behind a gate (``router``) to ``fit``.
 
-    ``weights="auto"`` (sums only) fits the weights on ``examples`` plus a JSONL file ``data`` first: each input
-    scored alone, then a search over the best ones' weights from the best (LoraHub's search from 0 with
-    ``start="zero"``; ``hub.composition.auto``: ``search`` is a SearchConfig or its method, "cma" (default) or
-    "gradient"), on ``base`` (a loaded ``hub.runtime.Base``, or a folder / Hub id loaded once with ``quantize``
-    on ``device``; default the members' base); then the sum is made by ``strategy`` with the weights found, and
-    its recipe records them with the search settings and score (``WeightedSum.search``). The search scores the
-    exact sum (for "svd", "ties"... the merge made afterwards approximates it). Raises Incompatible (no examples,
-    another kind, a search that keeps every weight at 0, a budget too small to score every input),
-    InvalidArtifact (a malformed data file).
+    ``weights="auto"`` (sums of LoRA-family adapters only) fits the weights on ``examples`` plus a JSONL file
+    ``data`` first: each input scored alone per example, then a search over the weights of those best on the most
+    examples, from the best (LoraHub's search from 0 with ``start="zero"``; see ``hub.composition.auto``).
+    ``search`` is a SearchConfig, its fields as a dict, or its method, "cma" (default) or "gradient". It runs on
+    ``base`` (a loaded ``hub.runtime.Base``, or a folder / Hub id loaded once with ``quantize`` on ``device``;
+    default the members' base); then the sum is made by ``strategy`` with the weights found, and its recipe
+    records them with the search settings, the examples' sha256 and the score (``WeightedSum.search``). The search
+    scores the exact sum (for "svd", "ties"... the merge made afterwards approximates it). Raises Incompatible (no
+    examples, another kind, an adapter listed twice or not of the LoRA family, a search that keeps every weight at
+    0, a budget too small to score every input), InvalidArtifact (a malformed data file).
 
     Every result can ``attach(model)`` and ``register(hub, name=...)`` (with lineage); ``activate`` puts a
     registered one back on a model.
@@ -90,7 +92,7 @@ def compose(
         raise Incompatible(f"weights='auto' fits a weighted sum (kind='sum'), not a {kind}")
     if not auto and (examples or data is not None or search is not None or base is not None):
         raise Incompatible("examples, data, search and base apply to fitting the weights (weights='auto')")
-    settings = SearchConfig(method=search) if isinstance(search, str) else search or SearchConfig()
+    settings = _search_config(search)
     members = resolve(inputs, None if auto else weights, hub=hub)
     if kind == "sum":
         options = {"strategy": strategy, "rank": rank, "density": density, "majority_sign": majority_sign,
@@ -109,6 +111,21 @@ def compose(
     if kind == "stack":
         return Stack(members)
     return Mixture(members, router or RouterConfig())
+
+
+def _search_config(search: SearchConfig | Mapping[str, Any] | str | None) -> SearchConfig:
+    if search is None or isinstance(search, SearchConfig):
+        return search or SearchConfig()
+    if isinstance(search, str):
+        return SearchConfig(method=search)
+    if isinstance(search, Mapping):
+        known = {f.name for f in dataclasses.fields(SearchConfig)}
+        unknown = sorted(str(key) for key in search if key not in known)
+        if unknown:
+            raise Incompatible(f"unknown search setting {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        return SearchConfig(**search)
+    raise Incompatible(f"search is a SearchConfig, its fields as a dict or a method name, not a "
+                       f"{type(search).__name__}")
 
 
 def activate(model: nn.Module, source: str | Adapter | Composition, *, hub: Hub | None = None,

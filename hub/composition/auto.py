@@ -3,14 +3,25 @@
 LoraHub (Huang et al., "LoraHub: Efficient Cross-Task Generalization via Dynamic LoRA Composition", COLM 2024;
 sail-sg/lorahub ``lorahub/algorithm.py``) searches w ∈ [−1.5, 1.5]^K, starting at 0, gradient-free (CMA-ES) for 40
 evaluations of ``loss(Σ wᵢ·LoRAᵢ) + 0.05·mean|wᵢ|`` on ~5 examples of an unseen task. Its bounds, penalty and
-budget are the defaults here; ``start="zero", top_k=None`` is its search exactly.
+budget are the defaults here; ``start="zero", top_k=None, objective="loss"`` is its search exactly.
 
 Over a registry's pool (many adapters, most unrelated) that search from 0 spends its 40 evaluations in a
 K-dimensional space and lands on large weights for unrelated adapters (bench/bench_compose_auto.py: 0.70-0.90 of
 the task's own expert). The default start is retrieval first (``start="rank"``, as ``hub.rank`` by loss): each
-adapter alone, at weight 1, is one evaluation; the search then moves only the ``top_k`` best alone and starts at
-the better of the best one alone and those k at weight 1 each. The best point evaluated wins, so the result is
-never worse on the examples than the best single adapter.
+adapter alone, at weight 1, is one evaluation, scored per example; the search then moves only the ``top_k``
+adapters best on the most examples (ties: lowest mean loss; on a mixed set of tasks the mean loss can put an
+adapter fair on every task above an expert best on its third of them) and starts at the better of the best one
+alone and those k at weight 1 each. The best point evaluated wins, so the result is never worse on the examples
+than the best single adapter.
+
+The default objective is not the mean token loss but ``match_probability``: 1 − the mean over the examples of
+the probability of the whole completion, P(completion | prompt) = exp(−Σ token losses), i.e. one minus the exact
+match expected when sampling, plus 0.1 × the mean token loss (where no completion is likely, the first term is
+flat, and CMA-ES, which only ranks points, then searches as on the loss). Experts trained apart interfere when
+summed, and on a mixed set the loss-optimal weights blend them until none completes its own examples (bench,
+5 examples per task: date 0.35, name 0.15, record 0.26 → exact match 0.28, below the best single adapter's 0.33);
+this objective rewards completing some examples whole (date 0.59, name 0.43, record 0.17 → 0.60). On a single
+task both keep the task's expert.
 
 No trial merges anything: the adapters are attached once as a stack, each at static weight 1, and a trial sets
 their gates to w (``hub.sites`` gates: ``y = base(x) + Σ wᵢ·Δᵢ(x)``), which for additive deltas (the LoRA family)
@@ -21,6 +32,8 @@ N. Hansen) rather than our own; ``method="gradient"`` instead trains w as tensor
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import time
@@ -31,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hub.composition.members import common_base, default_hub
+from hub.composition.members import check_distinct, common_base, default_hub
 from hub.errors import Incompatible, InvalidArtifact, NotFound
 
 if TYPE_CHECKING:
@@ -43,6 +56,8 @@ if TYPE_CHECKING:
 
 METHODS = ("cma", "gradient")
 STARTS = ("rank", "zero")
+OBJECTIVES = ("loss", "match_probability")
+MATCH_LOSS_SHARE = 0.1  # the loss's share in the match_probability objective
 
 
 @dataclass(frozen=True)
@@ -52,8 +67,11 @@ class SearchConfig:
     per adapter before them). ``bounds``: every weight is kept in [low, high]. ``l1``: the penalty
     ``l1 · mean|wᵢ|`` added to the loss. ``start``: ``rank`` (retrieval first, see the module docstring) or
     ``zero`` (LoraHub's: every weight 0 (CMA-ES) or 1/K (Adam), all of them searched). ``top_k``: with ``rank``,
-    how many of the best adapters alone the search moves (None: all). ``sigma``: CMA-ES's initial step size;
-    ``lr``: Adam's learning rate. ``seed``: CMA-ES's sampling. LoraHub's search: ``start="zero", top_k=None``."""
+    how many adapters the search moves, those best alone on the most examples (None: all). ``sigma``: CMA-ES's
+    initial step size; ``lr``: Adam's learning rate. ``seed``: CMA-ES's sampling. ``objective``:
+    ``match_probability`` (1 − the mean probability of each example's whole completion, see the module docstring)
+    or ``loss`` (the mean completion-token cross-entropy, LoraHub's). LoraHub's search: ``start="zero",
+    top_k=None, objective="loss"``."""
 
     method: str = "cma"
     budget: int = 40
@@ -64,20 +82,27 @@ class SearchConfig:
     lr: float = 0.1
     start: str = "rank"
     top_k: int | None = 3
+    objective: str = "match_probability"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise Incompatible(f"unknown weight search {self.method!r} (known: {', '.join(METHODS)})")
         if self.start not in STARTS:
             raise Incompatible(f"unknown search start {self.start!r} (known: {', '.join(STARTS)})")
+        if self.objective not in OBJECTIVES:
+            raise Incompatible(f"unknown objective {self.objective!r} (known: {', '.join(OBJECTIVES)})")
         if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1:
             raise Incompatible(f"the search budget must be a whole number >= 1, not {self.budget!r}")
         if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
                                        or self.top_k < 1):
             raise Incompatible(f"top_k must be a whole number >= 1 or None, not {self.top_k!r}")
-        low, high = (float(b) for b in self.bounds)
-        if not (math.isfinite(low) and math.isfinite(high) and low < high):
-            raise Incompatible(f"weight bounds must be finite with low < high, not {tuple(self.bounds)}")
+        bounds = tuple(self.bounds) if isinstance(self.bounds, (tuple, list)) else (self.bounds,)
+        if len(bounds) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds):
+            raise Incompatible(f"weight bounds are two numbers (low, high), not {self.bounds!r}")
+        low, high = (float(b) for b in bounds)
+        # Adapters the search does not move stay at weight 0, so 0 must be a weight the bounds allow.
+        if not (math.isfinite(low) and math.isfinite(high) and low <= 0 <= high and low < high):
+            raise Incompatible(f"weight bounds must be finite with low <= 0 <= high and low < high, not {bounds}")
         object.__setattr__(self, "bounds", (low, high))
         for key in ("l1", "sigma", "lr"):
             value = getattr(self, key)
@@ -88,7 +113,7 @@ class SearchConfig:
 
     def to_dict(self) -> dict[str, Any]:
         settings = {"method": self.method, "budget": self.budget, "bounds": list(self.bounds), "l1": self.l1,
-                    "seed": self.seed, "start": self.start}
+                    "seed": self.seed, "start": self.start, "objective": self.objective}
         settings.update({"top_k": self.top_k} if self.start == "rank" else {})
         settings.update({"sigma": self.sigma} if self.method == "cma" else {"lr": self.lr})
         return settings
@@ -97,27 +122,34 @@ class SearchConfig:
 @dataclass(frozen=True)
 class WeightSearch:
     """The search's outcome: ``weights`` (one per adapter, in input order); ``loss``: mean completion-token
-    cross-entropy (nats) of the stack at those weights on the examples, ``objective`` = loss + L1 term;
+    cross-entropy (nats) of the stack at those weights on the examples, ``objective``: the settings' objective
+    there + L1 term;
     ``evaluations``: losses computed (each adapter alone, CMA-ES's trials, Adam's steps); ``alone``: with
-    ``start="rank"``, each adapter's loss alone at weight 1 (input order; empty otherwise); ``searched``: the
-    indices of the adapters the search moved (the others stay at 0); ``seconds``: wall time."""
+    ``start="rank"``, each adapter's mean token loss alone at weight 1 (input order; empty otherwise); ``wins``: on how
+    many examples each adapter alone had the lowest loss of all (input order; empty otherwise); ``searched``: the
+    indices of the adapters the search moved (the others stay at 0); ``examples_sha256``: see examples_digest;
+    ``seconds``: wall time."""
 
     weights: list[float]
     loss: float
     objective: float
     evaluations: int
     examples: int
+    examples_sha256: str
     settings: SearchConfig
     seconds: float
     alone: list[float] = field(default_factory=list)
+    wins: list[int] = field(default_factory=list)
     searched: list[int] = field(default_factory=list)
     history: list[float] = field(default_factory=list, repr=False)  # the objective per evaluation or step
 
     def to_recipe(self) -> dict[str, Any]:
         """What the composition's recipe records (no timings: a recipe describes how to reproduce the result)."""
-        return {**self.settings.to_dict(), "examples": self.examples, "evaluations": self.evaluations,
-                "weights": [round(w, 6) for w in self.weights], "loss": self.loss, "objective": self.objective,
-                "alone": [round(v, 6) for v in self.alone], "searched": self.searched}
+        return {**self.settings.to_dict(), "examples": self.examples,
+                "examples_sha256": self.examples_sha256, "evaluations": self.evaluations,
+                "weights": [round(w, 6) for w in self.weights], "loss": self.loss,
+                "objective_value": self.objective,
+                "alone": [round(v, 6) for v in self.alone], "wins": self.wins, "searched": self.searched}
 
 
 def search_weights(
@@ -142,6 +174,7 @@ def search_weights(
     from hub.sites import disable_cpu_repacking
 
     settings = settings or SearchConfig()
+    check_searchable(members)
     if not examples:
         raise InvalidArtifact("weights='auto' needs examples to fit the weights on")
     count = len(members)
@@ -160,31 +193,50 @@ def search_weights(
     model.eval()  # dropout off: the weights are judged as they will run
     start = time.perf_counter()
     try:
-        def loss_at(weights: torch.Tensor) -> torch.Tensor:
+        def losses_at(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             with gates.routed(names, weights):
-                return _loss(model, batches, pad, device)
+                return _losses(model, batches, pad, device)
 
-        trials = _Trials(loss_at, count, settings.l1)
-        origin, searched, alone = _start(trials, count, settings)
+        trials = _Trials(losses_at, count, settings)
+        origin, searched, alone, wins = _start(trials, count, settings)
         run = _cma if settings.method == "cma" else _gradient
         run(trials, origin, searched, settings)
         weights = trials.best
         with torch.no_grad():
-            loss = float(loss_at(torch.tensor(weights)))
+            objective, loss = (float(v) for v in trials.value(torch.tensor(weights))[:2])
     finally:
         handle.detach()
         model.train(was_training)
-    return WeightSearch(weights=weights, loss=loss, objective=loss + trials.penalty(weights),
-                        evaluations=len(trials.history), examples=len(examples), settings=settings,
-                        seconds=time.perf_counter() - start, alone=alone, searched=searched,
+    return WeightSearch(weights=weights, loss=loss, objective=objective + trials.penalty(weights),
+                        evaluations=len(trials.history), examples=len(examples),
+                        examples_sha256=examples_digest(examples), settings=settings,
+                        seconds=time.perf_counter() - start, alone=alone, wins=wins, searched=searched,
                         history=trials.history)
 
 
-class _Trials:
-    """The objective ``loss + l1·mean|w|`` at full weight vectors, every evaluation recorded, the best kept."""
+def check_searchable(members: Sequence[Member]) -> None:
+    """The search moves gates on attached adapters, whose forward equals the weighted sum's for additive deltas
+    (the LoRA family) only: IA3's scaling vectors and virtual tokens are refused, as is one adapter listed twice.
+    Raises Incompatible."""
+    check_distinct(members, "weight search")
+    for member in members:
+        if not member.adapter.kind.low_rank:
+            raise Incompatible(f"{member.label} ({member.adapter.method}): weights='auto' searches sums of additive "
+                               "adapters (the LoRA family), whose gated forward is exactly the sum's")
 
-    def __init__(self, loss_at: Any, count: int, l1: float) -> None:
-        self.loss_at, self.count, self.l1 = loss_at, count, l1
+
+def examples_digest(examples: Sequence[Example]) -> str:
+    """sha256 of the examples' prompts and completions in order (JSON), so a recipe names what it was fitted on."""
+    text = json.dumps([[example.prompt, example.completion] for example in examples], ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class _Trials:
+    """The objective (``settings.objective`` + ``l1·mean|w|``) at full weight vectors, every evaluation recorded,
+    the best kept."""
+
+    def __init__(self, losses_at: Any, count: int, settings: SearchConfig) -> None:
+        self.losses_at, self.count, self.l1, self.objective = losses_at, count, settings.l1, settings.objective
         self.history: list[float] = []
         self.best: list[float] = [0.0] * count
         self.best_value = math.inf
@@ -192,10 +244,24 @@ class _Trials:
     def penalty(self, weights: Sequence[float]) -> float:
         return self.l1 * sum(abs(w) for w in weights) / self.count
 
+    def value(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(objective without the penalty, mean completion-token loss, each example's mean token loss) at
+        ``weights``; differentiable."""
+        sums, tokens = self.losses_at(weights)
+        loss = sums.sum() / tokens.sum().clamp(min=1)
+        # 1 − the mean probability of each whole completion (the exact match expected when sampling), plus a tenth of
+        # the loss: CMA-ES ranks points, so where no completion is likely this orders them as the loss does.
+        objective = loss if self.objective == "loss" else 1 - torch.exp(-sums).mean() + MATCH_LOSS_SHARE * loss
+        return objective, loss, sums / tokens.clamp(min=1)
+
     def __call__(self, weights: Sequence[float]) -> float:
+        return self.per_example(weights)[0]
+
+    def per_example(self, weights: Sequence[float]) -> tuple[float, float, list[float]]:
+        """The objective at ``weights`` (recorded), the mean token loss and each example's mean token loss."""
         with torch.no_grad():
-            value = float(self.loss_at(torch.tensor(weights, dtype=torch.float32))) + self.penalty(weights)
-        return self.record(weights, value)
+            objective, loss, each = self.value(torch.tensor(weights, dtype=torch.float32))
+        return self.record(weights, float(objective) + self.penalty(weights)), float(loss), each.tolist()
 
     def record(self, weights: Sequence[float], value: float) -> float:
         self.history.append(value)
@@ -204,43 +270,55 @@ class _Trials:
         return value
 
 
-def _start(trials: _Trials, count: int, settings: SearchConfig) -> tuple[list[float], list[int], list[float]]:
-    """The search's starting point, the indices it moves and each adapter's loss alone (``start="rank"``)."""
+def _start(trials: _Trials, count: int, settings: SearchConfig
+           ) -> tuple[list[float], list[int], list[float], list[int]]:
+    """The search's starting point, the indices it moves, each adapter's mean loss alone and its wins
+    (``start="rank"``)."""
     low, high = settings.bounds
     if settings.start == "zero":
-        return [min(max(0.0, low), high)] * count, list(range(count)), []
+        return [min(max(0.0, low), high)] * count, list(range(count)), [], []
     one = min(max(1.0, low), high)
-    alone = []
+    alone, values, per_example = [], [], []
     for i in range(count):
         point = [0.0] * count
         point[i] = one
-        alone.append(trials(point) - trials.penalty(point))
-    order = sorted(range(count), key=lambda i: alone[i])
+        value, loss, losses = trials.per_example(point)
+        alone.append(loss)
+        values.append(value)
+        per_example.append(losses)
+    # Retrieval per example: on a mixed set the mean loss can put a distractor that is fair on every task above an
+    # expert that is best on its third of the examples, so the adapters best on the most examples are searched.
+    wins = [0] * count
+    for losses in zip(*per_example, strict=True):
+        wins[min(range(count), key=losses.__getitem__)] += 1
+    order = sorted(range(count), key=lambda i: (-wins[i], alone[i]))
     searched = sorted(order[:settings.top_k or count])
-    origin = [0.0] * count
-    origin[order[0]] = one
+    first = min(searched, key=values.__getitem__)
+    origin = [one if i == first else 0.0 for i in range(count)]
     if len(searched) > 1 and len(trials.history) < settings.budget:
         # Experts trained on different tasks are trained to run at weight 1: their sum is the other natural start.
         together = [one if i in searched else 0.0 for i in range(count)]
-        trials(together)
-        origin = trials.best
-    return origin, searched, alone
+        if trials(together) < values[first]:
+            origin = together
+    return origin, searched, alone, wins
 
 
-def _loss(model: nn.Module, batches: Sequence[Sequence[Encoded]], pad: int, device: torch.device) -> torch.Tensor:
-    """Mean cross-entropy over every completion token of every batch (as ``hub.evaluate`` computes it)."""
+def _losses(model: nn.Module, batches: Sequence[Sequence[Encoded]], pad: int, device: torch.device
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each example's summed cross-entropy over its completion tokens and its number of them ([examples] each;
+    their ratio of sums is the mean ``hub.evaluate`` computes)."""
     from hub.data import collate
 
-    total, count = None, 0
+    sums, tokens = [], []
     for batch in batches:
         ids, labels, mask = (t.to(device) for t in collate(batch, pad_id=pad))
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -ids.shape[1]:-1].float()
         targets = labels[:, 1:]
         scored = targets != -100
-        part = torch.nn.functional.cross_entropy(logits[scored], targets[scored], reduction="sum")
-        total = part if total is None else total + part
-        count += int(scored.sum())
-    return total / max(count, 1)
+        each = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
+        sums.append((each * scored).sum(dim=1))
+        tokens.append(scored.sum(dim=1))
+    return torch.cat(sums), torch.cat(tokens)
 
 
 def _cma(trials: _Trials, origin: list[float], searched: list[int], settings: SearchConfig) -> None:
@@ -284,7 +362,7 @@ def _gradient(trials: _Trials, origin: list[float], searched: list[int], setting
     optimizer = torch.optim.Adam([free], lr=settings.lr)
     while len(trials.history) < settings.budget:
         weights = torch.zeros(count).index_put((index,), free)
-        objective = trials.loss_at(weights) + settings.l1 * weights.abs().mean()
+        objective = trials.value(weights)[0] + settings.l1 * weights.abs().mean()
         trials.record(weights.detach().tolist(), float(objective.detach()))
         optimizer.zero_grad(set_to_none=True)
         objective.backward()
@@ -314,6 +392,7 @@ def fit_weights(
 
     if isinstance(examples, (str, os.PathLike)):
         raise Incompatible("examples are prompt/completion Examples: pass a JSONL file as data=")
+    check_searchable(members)
     if base is None:
         base = next((m.base_name for m in members if m.base_name), None)
         if base is None:
