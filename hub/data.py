@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -146,19 +145,19 @@ def _token_ids(tokenizer: Any, text: str, max_length: int, *, special: bool, too
     that it cannot fit (a 20 MB line cost minutes and 8 GB before it was refused): no token stands for more
     characters than the vocabulary's longest entry, so a head of 4× that many per context position holds more
     tokens than fit, unless the tokenizer drops characters (then the whole text is tokenized after all)."""
-    head = 4 * max_length * _longest_token(tokenizer)
-    if len(text) > head:
-        count = len(tokenizer(text[:head], add_special_tokens=special)["input_ids"])
+    longest = _longest_token(tokenizer) if len(text) > 4 * max_length else None  # the vocabulary read only then
+    if longest is not None and len(text) > 4 * max_length * longest:
+        count = len(tokenizer(text[:4 * max_length * longest], add_special_tokens=special)["input_ids"])
         if count > max_length + 1:  # + 1: cutting the text may split its last token in two
             raise InvalidArtifact(too_long.format(f"more than {max_length}") + f" ({len(text)} characters)")
     return tokenizer(text, add_special_tokens=special)["input_ids"]
 
 
-@functools.lru_cache(maxsize=8)
-def _longest_token(tokenizer: Any) -> int:
+def _longest_token(tokenizer: Any) -> int | None:
     """Characters in the tokenizer's longest vocabulary entry (as stored: byte-level BPE spells each byte as one
-    character, so this bounds the characters a token stands for)."""
-    return max(map(len, tokenizer.get_vocab()), default=1)
+    character, so this bounds the characters a token stands for); None for a tokenizer without ``get_vocab``."""
+    vocabulary = getattr(tokenizer, "get_vocab", None)
+    return max(map(len, vocabulary()), default=1) if callable(vocabulary) else None
 
 
 def encode_all(model: Any, tokenizer: Any, examples: Sequence[Example]) -> tuple[list[Encoded], int]:
