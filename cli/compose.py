@@ -104,16 +104,16 @@ def compose(refs: tuple[str, ...], name: str, weights: str | None, auto: bool, s
         return ", ".join(f"--{option.replace('_', '-')}" for option in options
                          if context.get_parameter_source(option) is not click.core.ParameterSource.DEFAULT)
 
-    searching = ("search", "budget", "l1", "bounds", "start", "objective")
-    if given(*searching) and not auto:
-        raise click.UsageError(f"{given(*searching)} set the --auto search: use them with --auto")
+    searching = given("search", "budget", "l1", "bounds", "start", "objective")
+    if searching and not auto:
+        raise click.UsageError(f"{searching} set the --auto search: use them with --auto")
     # Options of another kind are refused rather than ignored: a forgotten --kind mixture would register a sum.
-    if kind != "mixture" and given("router", "routing", "temperature", "steps", "fit_examples"):
-        raise click.UsageError(f"{given('router', 'routing', 'temperature', 'steps', 'fit_examples')} set a "
-                               "mixture's gate: use them with --kind mixture")
-    if kind != "mixture" and not auto and given("top_k", "lr"):
-        raise click.UsageError(f"{given('top_k', 'lr')} apply to a mixture's gate (--kind mixture) or the --auto "
-                               "search")
+    gating = given("router", "routing", "temperature", "steps", "fit_examples")
+    if kind != "mixture" and gating:
+        raise click.UsageError(f"{gating} set a mixture's gate: use them with --kind mixture")
+    shared = given("top_k", "lr")
+    if kind != "mixture" and not auto and shared:
+        raise click.UsageError(f"{shared} apply to a mixture's gate (--kind mixture) or the --auto search")
     if kind != "sum" and given("majority_sign"):
         raise click.UsageError("--majority-sign applies to a sum's ties or dare_ties (--kind sum)")
     if auto:

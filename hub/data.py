@@ -146,8 +146,9 @@ def _token_ids(tokenizer: Any, text: str, max_length: int, *, special: bool, too
     characters than the vocabulary's longest entry, so a head of 4× that many per context position holds more
     tokens than fit, unless the tokenizer drops characters (then the whole text is tokenized after all)."""
     longest = _longest_token(tokenizer) if len(text) > 4 * max_length else None  # the vocabulary read only then
-    if longest is not None and len(text) > 4 * max_length * longest:
-        count = len(tokenizer(text[:4 * max_length * longest], add_special_tokens=special)["input_ids"])
+    head = None if longest is None else 4 * max_length * longest
+    if head is not None and len(text) > head:
+        count = len(tokenizer(text[:head], add_special_tokens=special)["input_ids"])
         if count > max_length + 1:  # + 1: cutting the text may split its last token in two
             raise InvalidArtifact(too_long.format(f"more than {max_length}") + f" ({len(text)} characters)")
     return tokenizer(text, add_special_tokens=special)["input_ids"]

@@ -123,12 +123,11 @@ class SearchConfig:
 class WeightSearch:
     """The search's outcome: ``weights`` (one per adapter, in input order); ``loss``: mean completion-token
     cross-entropy (nats) of the stack at those weights on the examples, ``objective``: the settings' objective
-    there + L1 term;
-    ``evaluations``: losses computed (each adapter alone, CMA-ES's trials, Adam's steps); ``alone``: with
-    ``start="rank"``, each adapter's mean token loss alone at weight 1 (input order; empty otherwise); ``wins``: on how
-    many examples each adapter alone had the lowest loss of all (input order; empty otherwise); ``searched``: the
-    indices of the adapters the search moved (the others stay at 0); ``examples_sha256``: see examples_digest;
-    ``seconds``: wall time."""
+    there + L1 term; ``evaluations``: losses computed (each adapter alone, CMA-ES's trials, Adam's steps);
+    ``alone``: with ``start="rank"``, each adapter's mean token loss alone at weight 1 (input order; empty
+    otherwise); ``wins``: on how many examples each adapter alone had the lowest loss of all (input order; empty
+    otherwise); ``searched``: the indices of the adapters the search moved (the others stay at 0);
+    ``examples_sha256``: see examples_digest; ``seconds``: wall time."""
 
     weights: list[float]
     loss: float
@@ -201,13 +200,10 @@ def search_weights(
         origin, searched, alone, wins = _start(trials, count, settings)
         run = _cma if settings.method == "cma" else _gradient
         run(trials, origin, searched, settings)
-        weights = trials.best
-        with torch.no_grad():
-            objective, loss = (float(v) for v in trials.value(torch.tensor(weights))[:2])
     finally:
         handle.detach()
         model.train(was_training)
-    return WeightSearch(weights=weights, loss=loss, objective=objective + trials.penalty(weights),
+    return WeightSearch(weights=trials.best, loss=trials.best_loss, objective=trials.best_value,
                         evaluations=len(trials.history), examples=len(examples),
                         examples_sha256=examples_digest(examples), settings=settings,
                         seconds=time.perf_counter() - start, alone=alone, wins=wins, searched=searched,
@@ -233,13 +229,13 @@ def examples_digest(examples: Sequence[Example]) -> str:
 
 class _Trials:
     """The objective (``settings.objective`` + ``l1·mean|w|``) at full weight vectors, every evaluation recorded,
-    the best kept."""
+    the best point kept with its objective and mean token loss."""
 
     def __init__(self, losses_at: Any, count: int, settings: SearchConfig) -> None:
         self.losses_at, self.count, self.l1, self.objective = losses_at, count, settings.l1, settings.objective
         self.history: list[float] = []
         self.best: list[float] = [0.0] * count
-        self.best_value = math.inf
+        self.best_value = self.best_loss = math.inf
 
     def penalty(self, weights: Sequence[float]) -> float:
         return self.l1 * sum(abs(w) for w in weights) / self.count
@@ -261,12 +257,12 @@ class _Trials:
         """The objective at ``weights`` (recorded), the mean token loss and each example's mean token loss."""
         with torch.no_grad():
             objective, loss, each = self.value(torch.tensor(weights, dtype=torch.float32))
-        return self.record(weights, float(objective) + self.penalty(weights)), float(loss), each.tolist()
+        return self.record(weights, float(objective) + self.penalty(weights), float(loss)), float(loss), each.tolist()
 
-    def record(self, weights: Sequence[float], value: float) -> float:
+    def record(self, weights: Sequence[float], value: float, loss: float) -> float:
         self.history.append(value)
         if value < self.best_value:
-            self.best, self.best_value = [float(w) for w in weights], value
+            self.best, self.best_value, self.best_loss = [float(w) for w in weights], value, loss
         return value
 
 
@@ -362,8 +358,9 @@ def _gradient(trials: _Trials, origin: list[float], searched: list[int], setting
     optimizer = torch.optim.Adam([free], lr=settings.lr)
     while len(trials.history) < settings.budget:
         weights = torch.zeros(count).index_put((index,), free)
-        objective = trials.value(weights)[0] + settings.l1 * weights.abs().mean()
-        trials.record(weights.detach().tolist(), float(objective.detach()))
+        value, loss, _ = trials.value(weights)
+        objective = value + settings.l1 * weights.abs().mean()
+        trials.record(weights.detach().tolist(), float(objective.detach()), float(loss.detach()))
         optimizer.zero_grad(set_to_none=True)
         objective.backward()
         optimizer.step()
